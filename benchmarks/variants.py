@@ -1,0 +1,134 @@
+"""Per-variant footprint and speed: size on disk, bits per weight, peak memory, decode tokens/s.
+
+Reads the outputs of a finished pipeline (`dvc repro`) and measures each variant in a fresh
+process (so peak memory is its own), with ratios against `base` measured in the same run.
+
+Usage (from the project root, after `dvc repro`):
+    python benchmarks/variants.py                       # writes benchmarks/results/variants-<device>.{json,md}
+    python benchmarks/variants.py --batch-sizes 1 16 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantorder.config import load_config
+from quantorder.data import ANSWER_MARKER, read_jsonl, render
+from quantorder.evaluate import footprint, quantized_bits_per_weight
+from quantorder.io import read_json, write_json, write_text
+from quantorder.layout import BASE_DIR, QA_DIR, VARIANTS
+from quantorder.memory import peak_memory_bytes, reset_peak_memory
+from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resolve_device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+
+
+def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int) -> float:
+    """Greedy decoding of exactly `new_tokens` tokens for `batch` prompts; generated tokens per second."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    greedy = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.generate(**enc, max_new_tokens=2, min_new_tokens=2, **greedy)  # warm-up
+    if enc["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
+    if enc["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def measure_one(variant: str, batch_sizes: list[int], new_tokens: int) -> dict:
+    cfg = load_config()
+    spec = VARIANTS[variant]
+    device = resolve_device(cfg.model.device)
+    reset_peak_memory(device)
+    model = load_model(spec.model, cfg.model.dtype, device)
+    if spec.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter)
+    model.eval()
+    tokenizer = load_tokenizer(spec.model)
+    rows = read_jsonl(QA_DIR / "test.jsonl")[:16]
+    prompts = [render(cfg.data.template, r).split(ANSWER_MARKER)[0] + ANSWER_MARKER for r in rows]
+    base_params = read_json(BASE_DIR / PROVENANCE_FILE)["source"]["parameters"]
+    with torch.no_grad():
+        speeds = {str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens) for b in batch_sizes}
+    return {
+        **footprint(spec.model, spec.adapter, base_params),
+        "linear_bits_per_weight": quantized_bits_per_weight(model),
+        "decode_tokens_per_s": speeds,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "device": device_name(device),
+    }
+
+
+def markdown(results: dict, baseline: str = "base") -> str:
+    base = results["variants"][baseline]
+    batches = list(base["decode_tokens_per_s"])
+    head = "| variant | size (MiB) | size vs base | bits/param | linear bits/weight | peak mem (MiB) | "
+    head += " | ".join(f"decode tok/s b{b} (vs base)" for b in batches) + " |\n"
+    head += "|---" * (6 + len(batches)) + "|\n"
+    rows = []
+    for name, r in results["variants"].items():
+        lbw = f"{r['linear_bits_per_weight']:.2f}" if r["linear_bits_per_weight"] else "-"
+        speeds = " | ".join(
+            f"{r['decode_tokens_per_s'][b]:.1f} ({r['decode_tokens_per_s'][b] / base['decode_tokens_per_s'][b]:.2f}x)"
+            for b in batches
+        )
+        rows.append(
+            f"| `{name}` | {r['size_bytes'] / 2**20:.1f} | {r['size_bytes'] / base['size_bytes']:.2f}x | "
+            f"{r['bits_per_param']:.2f} | {lbw} | {r['peak_mem_bytes'] / 2**20:.0f} | {speeds} |"
+        )
+    title = f"Variants on {results['device']} ({results['algo']}, {results['new_tokens']} new tokens, greedy)\n\n"
+    return title + head + "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path; a .md table is written beside it")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens)))
+        return
+    per_variant = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens), "--batch-sizes"]
+        out = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True, check=True)
+        per_variant[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{variant}: {per_variant[variant]['decode_tokens_per_s']}", flush=True)
+    algo = load_config().algo
+    device = per_variant["base"]["device"]
+    results = {
+        "device": device,
+        "algo": f"{algo.name} {algo.bits}-bit g{algo.group_size}",
+        "new_tokens": args.new_tokens,
+        "variants": per_variant,
+    }
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    out = args.out or Path("benchmarks/results") / f"variants-{slug}.json"
+    write_json(out, results)
+    write_text(out.with_suffix(".md"), markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Command-line entry points: the stage runner and `quantorder compose`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import yaml
+
+from quantorder.errors import UserError
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(): user errors become one `error:` line and exit code 2, no traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[{Path(sys.argv[0]).stem}] done in {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def stage_target(kind: str, allowed: Iterable[str]) -> str:
+    """The X of a `stage@X` instance, from the command line, checked against `allowed`."""
+    allowed = list(allowed)
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    if name not in allowed:
+        raise UserError(f"{kind} {name!r} unknown (allowed: {', '.join(allowed)})")
+    return name
+
+
+def print_config(name: str, section: object) -> None:
+    """Print one resolved config section, as the stage will use it."""
+    body = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+    print(yaml.safe_dump({name: body}, sort_keys=False).rstrip(), flush=True)
+
+
+def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Path("params.yaml")) -> None:
+    """Compose conf/ with Hydra overrides into params.yaml (what `dvc exp run -S` does), validated.
+
+    Raises:
+        UserError: an unknown group choice or key, or a value the schemas reject.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from quantorder.config import parse_config
+    from quantorder.io import write_text
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(" ".join(str(e).split())) from e
+    params = OmegaConf.to_container(cfg, resolve=True)
+    parse_config(params)
+    write_text(out, yaml.safe_dump(params, sort_keys=False))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="quantorder", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compose", help="compose conf/ (+ Hydra overrides) into params.yaml and validate it")
+    p.add_argument("overrides", nargs="*", help="e.g. algo=rtn algo.bits=8 +experiment=olive-phi35")
+    sub.add_parser("validate", help="validate params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "compose":
+            compose(args.overrides)
+            print("wrote params.yaml")
+        else:
+            from quantorder.config import load_config
+
+            load_config()
+            print("params.yaml is valid")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

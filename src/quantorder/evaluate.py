@@ -1,0 +1,91 @@
+"""Perplexity (Olive study definition or answer-only), size on disk, bits per weight, memory, speed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantorder.config import EvalCfg
+from quantorder.data import render
+from quantorder.memory import peak_memory_bytes, reset_peak_memory
+from quantorder.models import dir_size
+from quantorder.tokens import encode, pad_batch, token_nll
+
+PPL_DEFINITIONS = {
+    False: "olive: each example as f'{bos} {template(row)} {eos}', truncated to max_seq_len, loss over all real "
+    "tokens, corpus-level exp(sum NLL / sum tokens)",
+    True: "answer-only: as olive, but only tokens after '### Answer:' are targets",
+}
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll_sum: float
+    n_tokens: int
+    per_example: list[tuple[int, float]]  # (tokens, summed NLL) in test-file order
+    seconds: float
+    tokens_per_s: float
+
+
+def perplexity(model, tokenizer, rows: list[dict], template: str, cfg: EvalCfg) -> Perplexity:
+    """Corpus-level perplexity of `model` on `rows`, with per-example token counts and NLL.
+
+    Examples are batched by length (less padding, same numbers) and reported in input order.
+    """
+    device = next(model.parameters()).device
+    rows = rows[: cfg.max_examples] if cfg.max_examples else rows
+    examples = [encode(tokenizer, render(template, r), cfg.max_seq_len, cfg.answer_only) for r in rows]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    results: list[tuple[int, float]] = [(0, 0.0)] * len(examples)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            batch = {k: v.to(device) for k, v in pad_batch([examples[j] for j in idx], tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, n = token_nll(logits, batch["labels"])
+            for j, tokens, loss in zip(idx, n.tolist(), nll.tolist()):
+                results[j] = (tokens, loss)
+    seconds = time.perf_counter() - start
+    n_tokens = sum(t for t, _ in results)
+    nll_sum = sum(loss for _, loss in results)
+    return Perplexity(
+        ppl=float(torch.exp(torch.tensor(nll_sum / n_tokens, dtype=torch.float64))),
+        nll_sum=nll_sum,
+        n_tokens=n_tokens,
+        per_example=results,
+        seconds=seconds,
+        tokens_per_s=sum(len(e.input_ids) for e in examples) / seconds,
+    )
+
+
+def quantized_bits_per_weight(model) -> float | None:
+    """Stored bits per weight of the int-packed linear layers (codes + scales + zeros), or None."""
+    bits, weights = 0, 0
+    for module in model.modules():
+        if hasattr(module, "qweight"):
+            stored = [
+                getattr(module, n) for n in ("qweight", "qzeros", "scales") if getattr(module, n, None) is not None
+            ]
+            bits += sum(t.numel() * t.element_size() * 8 for t in stored)
+            weights += module.in_features * module.out_features
+    return bits / weights if weights else None
+
+
+def footprint(model_dir: Path, adapter_dir: Path | None, base_params: int) -> dict:
+    """Bytes on disk of the weights (+ adapter) and the bits they spend per base-model parameter."""
+    size = dir_size(model_dir) + (dir_size(adapter_dir) if adapter_dir else 0)
+    return {"size_bytes": size, "bits_per_param": 8 * size / base_params}
+
+
+def measure(model, tokenizer, rows, template, cfg: EvalCfg) -> tuple[Perplexity, int]:
+    """Perplexity plus peak memory during it."""
+    device = next(model.parameters()).device
+    reset_peak_memory(device)
+    result = perplexity(model, tokenizer, rows, template, cfg)
+    return result, peak_memory_bytes(device)

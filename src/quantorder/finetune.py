@@ -1,0 +1,152 @@
+"""LoRA fine-tuning on a float base (`ft`) or on a quantized base (`q_ft`, QLoRA-style).
+
+On a quantized base the frozen layers are GPTQModel's int kernels: the adapter trains against
+exactly the dequantized quantized weights that evaluation and merging use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantorder.config import FinetuneCfg
+from quantorder.data import render
+from quantorder.errors import UserError
+from quantorder.memory import peak_memory_bytes, reset_peak_memory
+from quantorder.tokens import Example, encode, pad_batch, token_nll
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    val_loss: float
+    trainable_params: int
+    total_params: int
+    seconds: float
+    tokens_per_s: float
+    peak_mem_bytes: int
+
+
+def setup_model(model, cfg: FinetuneCfg, seed: int):
+    """Wrap `model` with fresh LoRA adapters (seeded init); the base stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise UserError(f"finetune.target_modules={cfg.target_modules}: {e}") from e
+    if cfg.grad_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def setup_data(tokenizer, rows: list[dict], template: str, max_len: int) -> list[Example]:
+    return [encode(tokenizer, render(template, row), max_len) for row in rows]
+
+
+def _batches(n_examples: int, batch_size: int, seed: int):
+    """Endless stream of index batches: a new seeded shuffle every epoch."""
+    rng, epoch = random.Random(seed), []
+    while True:
+        if len(epoch) < batch_size:
+            order = list(range(n_examples))
+            rng.shuffle(order)
+            epoch += order
+        yield epoch[:batch_size]
+        epoch = epoch[batch_size:]
+
+
+def mean_loss(model, examples: list[Example], pad_id: int, batch_size: int, device: torch.device) -> float:
+    """Token-weighted mean loss of `model` over `examples` (no gradients)."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, n = token_nll(logits, batch["labels"])
+            total, count = total + nll.sum().item(), count + n.sum().item()
+    return total / max(count, 1)
+
+
+def train_loop(
+    model, train: list[Example], val: list[Example], cfg: FinetuneCfg, pad_id: int, seed: int, log_path: Path
+) -> TrainResult:
+    """AdamW with linear warmup and cosine decay for `cfg.max_steps` optimizer steps.
+
+    Prints one line per `cfg.log_every` steps and appends the same numbers to `log_path` (JSONL).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    batches = _batches(len(train), cfg.batch_size, seed)
+    reset_peak_memory(device)
+    start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
+    loss_value = float("nan")
+    model.train()
+    with log_path.open("w") as log:
+        for step in range(1, cfg.max_steps + 1):
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in pad_batch([train[i] for i in next(batches)], pad_id).items()}
+                loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+                n_tok = int(batch["attention_mask"].sum())
+                tokens, window_tokens = tokens + n_tok, window_tokens + n_tok
+            if not math.isfinite(step_loss):
+                raise UserError(f"training loss became {step_loss} at step {step}; lower finetune.lr={cfg.lr}")
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = step_loss
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "loss": round(loss_value, 6),
+                    "lr": schedule.get_last_lr()[0],
+                    "tokens_per_s": round(window_tokens / (now - window_start), 1),
+                    "peak_mem_gb": round(peak_memory_bytes(device) / 2**30, 3),
+                }
+                print(
+                    f"step {step}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                    f"tok/s {record['tokens_per_s']:.0f} | peak_mem {record['peak_mem_gb']:.2f} GB",
+                    flush=True,
+                )
+                log.write(json.dumps(record) + "\n")
+                window_tokens, window_start = 0, now
+    seconds = time.perf_counter() - start
+    val_loss = mean_loss(model, val, pad_id, cfg.batch_size, device)
+    return TrainResult(
+        steps=cfg.max_steps,
+        final_loss=loss_value,
+        val_loss=val_loss,
+        trainable_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in model.parameters()),
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        peak_mem_bytes=peak_memory_bytes(device),
+    )

@@ -1,0 +1,66 @@
+"""Fold a LoRA adapter into its base: float merge, after dequantizing a quantized base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantorder.models import is_quantized, load_model
+
+
+def _dequantized_linear(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
+    """A float nn.Linear holding exactly the dequantized weights of an int-packed layer."""
+    weight = module.dequantize_weight().t()  # GPTQModel returns (in_features, out_features)
+    bias = getattr(module, "bias", None)
+    linear = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(dtype))
+    return linear.to(weight.device)
+
+
+def dequantize(model, dtype: torch.dtype):
+    """A float model of the same architecture whose linear layers hold the dequantized weights.
+
+    Returns a fresh transformers model (no quantization config), ready for PEFT merging and for
+    `save_pretrained` as a plain float checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
+    state = {}
+    quant_prefixes = []
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
+            linear = _dequantized_linear(module, dtype)
+            state.update({f"{name}.{k}": v for k, v in linear.state_dict().items()})
+            quant_prefixes.append(f"{name}.")
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(tuple(quant_prefixes)):
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    float_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = float_model.load_state_dict(state, strict=False)
+    tied = set(getattr(float_model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"dequantized state does not match the float architecture: missing {missing}, unexpected {unexpected}"
+        )
+    if config.tie_word_embeddings:
+        float_model.tie_weights()
+    return float_model.to(next(model.parameters()).device)
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, device: torch.device):
+    """Load base (dequantizing it if int-packed), apply the adapter, merge: a plain float model."""
+    from peft import PeftModel
+
+    model = load_model(base_dir, dtype, device)
+    if is_quantized(base_dir):
+        model = dequantize(model, getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return merged

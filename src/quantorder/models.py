@@ -1,0 +1,194 @@
+"""Materialize base models, load float or quantized model dirs, place them on a device."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from quantorder.config import ModelCfg, TinyArchCfg
+from quantorder.errors import UserError
+from quantorder.provenance import hash_file
+
+PROVENANCE_FILE = "quantorder.json"  # written into every model/adapter dir this project makes
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA on a machine without it is a UserError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device=cuda but no CUDA GPU is visible; use model.device=auto or cpu")
+    return torch.device(device)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _package_dir(package: str) -> Path:
+    # Located without importing: packages that ship model files may not import cleanly.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.package={package!r} is not installed; install it (see README) or pick another model")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _distribution_of(package: str) -> tuple[str, str]:
+    """PyPI distribution name and version that provide the importable `package`."""
+    name = importlib.metadata.packages_distributions().get(package, [package])[0]
+    return name, importlib.metadata.version(name)
+
+
+def _from_package(cfg: ModelCfg, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder = _package_dir(cfg.package)
+    gguf = folder / cfg.gguf_file
+    if not gguf.is_file():
+        raise UserError(f"model.gguf_file={cfg.gguf_file!r} not found in {folder}")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=cfg.gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+    )
+    dist, version = _distribution_of(cfg.package)
+    source = {
+        "kind": "package",
+        "distribution": dist,
+        "version": version,
+        "file": cfg.gguf_file,
+        "sha256": hash_file(gguf),
+    }
+    return model, tok, source
+
+
+def _from_hub(cfg: ModelCfg, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.hub_id, revision=cfg.revision)
+    model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, revision=cfg.revision, dtype=dtype)
+    return model, tok, {"kind": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision}
+
+
+def tiny_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(arch: TinyArchCfg, tokenizer, seed: int, dtype: torch.dtype):
+    """A random-init Llama of the given shape, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def _tiny(cfg: ModelCfg, dtype: torch.dtype, texts: list[str]):
+    tok = tiny_tokenizer(texts, cfg.tiny.vocab_size)
+    model = tiny_llama(cfg.tiny, tok, seed=0, dtype=dtype)
+    return model, tok, {"kind": "tiny", "arch": cfg.tiny.__dict__, "init_seed": 0}
+
+
+def materialize_base(cfg: ModelCfg, out_dir: Path, tokenizer_texts: list[str]) -> dict:
+    """Write the base model (float safetensors + tokenizer) into `out_dir`; return its source record.
+
+    `tokenizer_texts` trains the tokenizer of a tiny model and is ignored otherwise.
+    """
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.source == "package":
+        model, tok, source = _from_package(cfg, dtype)
+    elif cfg.source == "hub":
+        model, tok, source = _from_hub(cfg, dtype)
+    else:
+        model, tok, source = _tiny(cfg, dtype, tokenizer_texts)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    source["parameters"] = sum(p.numel() for p in model.parameters())
+    return source
+
+
+def is_quantized(model_dir: str | Path) -> bool:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return "quantization_config" in config
+
+
+def quantized_kernel(device: torch.device, sym: bool, training: bool) -> str:
+    """GPTQModel kernel for an int-packed checkpoint.
+
+    Marlin (fast, CUDA, symmetric only, inference only) where it applies; otherwise GPTQModel's
+    pure-torch kernel, which runs on CPU and CUDA, handles asymmetric groups and trains. On CUDA,
+    GPTQModel's own default (Machete) JIT-builds from downloaded sources and fails offline.
+    """
+    return "marlin" if device.type == "cuda" and sym and not training else "torch"
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | Path, dtype: str, device: torch.device, training: bool = False):
+    """Load a float or int-quantized model dir with transformers, on `device`, in `dtype`.
+
+    Quantized dirs (GPTQ-format, written by GPTQModel) load through transformers + optimum with
+    GPTQModel's kernels; they compute with exactly their dequantized weights.
+    """
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"model dir {model_dir} has no config.json; rerun the stage that makes it")
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if is_quantized(model_dir):
+        if device.type == "cpu":
+            # GPTQModel's CPU kernel wraps dequantization in torch.compile, which recompiles for
+            # every new input shape (stalls of 30 s and more); eager mode is faster here.
+            torch._dynamo.config.disable = True
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+        qcfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+        kernel = quantized_kernel(device, sym=qcfg.get("sym", True), training=training)
+        kwargs["quantization_config"] = GPTQConfig(bits=qcfg["bits"], backend=kernel)
+        kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return model.to(device)
+
+
+def dir_size(path: str | Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
+    """Bytes of the weight files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.suffix in suffixes)

@@ -1,0 +1,54 @@
+"""What every output records about how it was made: versions, commit, seeds, content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+LIBRARIES = ("torch", "transformers", "peft", "gptqmodel", "optimum", "datasets", "dvc", "mlflow", "hydra-core")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape the numbers (missing ones omitted)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """HEAD commit of the repository containing `cwd`, or None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def hash_file(path: str | Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_dir(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".json", ".jsonl")) -> str:
+    """sha256 over the relative names and contents of the files in `path` with the given suffixes.
+
+    Provenance files (`quantorder.json`) are excluded so that a hash never covers itself.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
+        if f.name == "quantorder.json":
+            continue
+        h.update(str(f.relative_to(root)).encode())
+        h.update(hash_file(f).encode())
+    return h.hexdigest()

@@ -1,0 +1,81 @@
+"""The quantizer interface, and its implementation on GPTQModel shared by the int-packed algorithms."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from quantorder.config import AlgoCfg
+from quantorder.errors import UserError
+from quantorder.io import captured_output
+
+BACKEND_LOG = "backend.log"
+
+
+class Quantizer(ABC):
+    """Quantizes a float model dir into a self-describing dir that transformers can load.
+
+    Lifecycle: `Quantizer(cfg)` -> `check(model)` (shape constraints, before any slow work)
+    -> `quantize(model_dir, calibration, out_dir)`. Subclasses set `name`, `config_class` and
+    `requires_calibration`, and register in `quantize/__init__.py`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AlgoCfg]]
+    requires_calibration: ClassVar[bool]
+    backend: ClassVar[str]
+
+    def __init__(self, cfg: AlgoCfg) -> None:
+        self.cfg = cfg
+
+    def check(self, model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
+        """Raise a UserError if `group_size` does not divide the input width of a linear layer."""
+        g = self.cfg.group_size
+        if g == -1:
+            return
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith(skip) and module.in_features % g:
+                raise UserError(
+                    f"algo.group_size={g} does not divide the input width {module.in_features} of {name}; "
+                    f"use a group size that divides every input width (or -1)"
+                )
+
+    @abstractmethod
+    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
+        """Write the quantized model into `out_dir`; return a record of backend and settings."""
+
+
+class GPTQModelQuantizer(Quantizer):
+    """Quantizers backed by GPTQModel: it packs weights into the GPTQ (or AWQ) checkpoint format
+    that transformers, vLLM and SGLang load, so size on disk and kernels are the real ones."""
+
+    backend = "gptqmodel"
+
+    @abstractmethod
+    def backend_config(self) -> Any:
+        """The GPTQModel quantization config for `self.cfg`."""
+
+    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+        model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
+        # GPTQModel logs every layer with progress bars; keep its log beside the weights instead
+        # of in the stage output, and run it in a scratch dir because it writes ./logs/.
+        with (
+            captured_output(out_dir / BACKEND_LOG),
+            tempfile.TemporaryDirectory() as scratch,
+            contextlib.chdir(scratch),
+        ):
+            from gptqmodel import GPTQModel
+
+            model = GPTQModel.load(str(model_dir), self.backend_config(), dtype=getattr(torch, dtype))
+            self.check(model.model)
+            model.quantize(calibration)
+            model.save(str(out_dir))
+        return {"backend": self.backend, "backend_version": importlib.metadata.version("gptqmodel")}

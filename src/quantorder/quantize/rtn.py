@@ -1,0 +1,37 @@
+"""Round-to-nearest: per-group asymmetric (or symmetric) integer weights, no calibration.
+
+Sample config (conf/algo/rtn.yaml):
+    name: rtn
+    bits: 4          # 4 or 8
+    group_size: 128
+    sym: false       # asymmetric: a zero point per group
+Each weight becomes scale * (q - zero) with q in [0, 2^bits - 1]; scale and zero are chosen per
+group from its min and max, so every weight moves by at most half a step. GPTQModel packs the
+result in the GPTQ checkpoint format, the same one GPTQ and AWQ runs load through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from quantorder.config import AlgoCfg
+from quantorder.quantize.base import GPTQModelQuantizer
+
+
+@dataclass
+class RTNCfg(AlgoCfg):
+    """Round-to-nearest settings."""
+
+    allowed_bits: ClassVar[tuple[int, ...]] = (4, 8)
+
+
+class RTNQuantizer(GPTQModelQuantizer):
+    name = "rtn"
+    config_class = RTNCfg
+    requires_calibration = False
+
+    def backend_config(self) -> Any:
+        from gptqmodel.quantization import RTNConfig
+
+        return RTNConfig(bits=self.cfg.bits, group_size=self.cfg.group_size, sym=self.cfg.sym, desc_act=False)

@@ -1,0 +1,108 @@
+"""Summary metrics, plot data, the Olive-style chart and a markdown table from metrics/eval/*.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from quantorder.errors import UserError
+from quantorder.io import read_json, write_text
+from quantorder.layout import QUANTIZED_VARIANTS, VARIANTS
+
+REFERENCE_VARIANTS = ("base", "ft")
+
+
+def load_eval_metrics(eval_dir: Path) -> dict[str, dict]:
+    """The metrics of every variant, in VARIANTS order; a missing file is a UserError naming it."""
+    missing = [v for v in VARIANTS if not (eval_dir / f"{v}.json").is_file()]
+    if missing:
+        raise UserError(f"no metrics for variant(s) {', '.join(missing)} in {eval_dir}; run `dvc repro`")
+    return {v: read_json(eval_dir / f"{v}.json") for v in VARIANTS}
+
+
+def summarize(metrics: dict[str, dict], algo_label: str) -> dict:
+    """Headline numbers per variant; the gap of each variant to `ft` is the number that matters."""
+    ft = metrics["ft"]["ppl"]
+    return {
+        "algo": algo_label,
+        "ppl": {v: round(m["ppl"], 4) for v, m in metrics.items()},
+        "gap_to_ft": {v: round(m["ppl"] - ft, 4) for v, m in metrics.items()},
+        "gap_to_ft_pct": {v: round(100 * (m["ppl"] / ft - 1), 3) for v, m in metrics.items()},
+        "size_mib": {v: round(m["size_bytes"] / 2**20, 3) for v, m in metrics.items()},
+        "bits_per_param": {v: round(m["bits_per_param"], 3) for v, m in metrics.items()},
+        "eval_tokens_per_s": {v: round(m["eval_tokens_per_s"], 1) for v, m in metrics.items()},
+        "peak_mem_mib": {v: round(m["peak_mem_bytes"] / 2**20, 1) for v, m in metrics.items()},
+    }
+
+
+def plot_rows(summary: dict) -> list[dict]:
+    """One row per variant for `dvc plots`: perplexity, gap to ft, size, and whether it is quantized."""
+    return [
+        {
+            "variant": v,
+            "kind": "quantized" if v in QUANTIZED_VARIANTS else "reference",
+            "ppl": summary["ppl"][v],
+            "gap_to_ft_pct": summary["gap_to_ft_pct"][v],
+            "size_mib": summary["size_mib"][v],
+        }
+        for v in VARIANTS
+    ]
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def markdown_table(summary: dict) -> str:
+    header = "| variant | ppl | gap to ft | size (MiB) | bits/param | eval tok/s |\n|---|---:|---:|---:|---:|---:|\n"
+    body = "".join(
+        f"| `{v}` | {summary['ppl'][v]:.3f} | {summary['gap_to_ft_pct'][v]:+.2f}% | {summary['size_mib'][v]:.1f} | "
+        f"{summary['bits_per_param'][v]:.2f} | {summary['eval_tokens_per_s'][v]:.0f} |\n"
+        for v in VARIANTS
+    )
+    return f"Perplexity on the test split, {summary['algo']}.\n\n{header}{body}"
+
+
+def chart(summary: dict, path: Path) -> None:
+    """Bars for the quantized variants, horizontal lines for `base` and `ft` (the Olive study's layout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ppl = [summary["ppl"][v] for v in QUANTIZED_VARIANTS]
+    bars = ax.bar(QUANTIZED_VARIANTS, ppl, color="#4C72B0")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    for v, style in zip(REFERENCE_VARIANTS, ("--", "-")):
+        ax.axhline(
+            summary["ppl"][v],
+            linestyle=style,
+            color="#C44E52" if v == "ft" else "gray",
+            label=f"{v} {summary['ppl'][v]:.2f}",
+        )
+    low = min(ppl + [summary["ppl"][v] for v in REFERENCE_VARIANTS])
+    ax.set_ylim(bottom=low * 0.9)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"quantize before or after fine-tuning? ({summary['algo']})")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_reports(summary: dict, plots_dir: Path, reports_dir: Path) -> list[Path]:
+    """Plot CSV for DVC, the PNG chart and the markdown table; returns the report files."""
+    write_text(plots_dir / "variants.csv", to_csv(plot_rows(summary)))
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    png, md = reports_dir / "ppl.png", reports_dir / "summary.md"
+    chart(summary, png)
+    write_text(md, markdown_table(summary))
+    return [png, md]

@@ -1,0 +1,90 @@
+"""MLflow view of the metrics files: a parent run per DVC experiment, a nested run per variant.
+
+The only module that imports mlflow. The default store is `mlflow.db` in the project root (the
+real root, `DVC_ROOT`, also inside DVC's temporary experiment workspaces), written under a file
+lock so that queued experiments never race on it. Identical results are never logged twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from quantorder.config import TrackingCfg
+
+SUMMARY_TAG = "quantorder.summary_sha256"
+
+
+def project_root() -> Path:
+    """The real project root: DVC_ROOT inside `dvc exp run` workspaces, else the working dir."""
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def tracking_uri(cfg: TrackingCfg, root: Path) -> str:
+    return cfg.uri or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def run_name() -> str:
+    """The DVC experiment's name, or `workspace` for a plain `dvc repro`."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: {"algo": {"bits": 4}} -> {"algo.bits": 4}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _numeric(data: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(data).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def log_experiment(
+    cfg: TrackingCfg,
+    params: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]],
+    artifacts: list[Path],
+) -> str | None:
+    """Log one experiment; return the parent run id, or None when this exact result is already logged."""
+    import mlflow
+    from filelock import FileLock
+
+    root = project_root()
+    digest = hashlib.sha256(json.dumps([params, variants], sort_keys=True, default=str).encode()).hexdigest()
+    with FileLock(str(root / ".mlflow.lock")):
+        mlflow.set_tracking_uri(tracking_uri(cfg, root))
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else mlflow.create_experiment(cfg.experiment, artifact_location=(root / "mlartifacts").as_uri())
+        )
+        name = run_name()
+        seen = mlflow.search_runs(
+            [experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}' and tags.`mlflow.runName` = '{name}'"
+        )
+        if len(seen):
+            return None
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={SUMMARY_TAG: digest}) as parent:
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+            mlflow.log_metrics(_numeric({k: v for k, v in summary.items() if k != "algo"}))
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
+            for variant, metrics in variants.items():
+                with mlflow.start_run(experiment_id=experiment_id, run_name=variant, nested=True):
+                    provenance = flatten(metrics.get("provenance") or {})
+                    mlflow.log_params({k: str(v)[:500] for k, v in provenance.items()})
+                    mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
+                    mlflow.set_tags({"variant": variant, "parent": name})
+        return parent.info.run_id

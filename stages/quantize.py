@@ -1,0 +1,51 @@
+"""Stage quantize@X: quantize a float model dir with the configured algorithm.
+
+X is base_q (the base), ft_merge_q (base merged with the float adapter) or q_ft_merge_q (the
+dequantized quantized base merged with the adapter trained on it).
+Usage: dvc repro quantize@base_q   (or python stages/quantize.py base_q)
+"""
+
+import time
+
+from quantorder.calibration import load_calibration
+from quantorder.cli import print_config, run_stage, stage_target
+from quantorder.config import as_dict, load_config
+from quantorder.io import atomic_dir, read_json, write_json
+from quantorder.layout import CALIB_DIR, QUANTIZE_SOURCES, QUANTIZED_DIR
+from quantorder.models import PROVENANCE_FILE, dir_size
+from quantorder.provenance import hash_dir, library_versions
+from quantorder.quantize import get_quantizer
+
+
+def main() -> None:
+    name = stage_target("quantize target", QUANTIZE_SOURCES)
+    cfg = load_config()
+    print_config("algo", cfg.algo)
+    source, out = QUANTIZE_SOURCES[name], QUANTIZED_DIR / name
+    quantizer = get_quantizer(cfg.algo)
+    calibration, calib_manifest = load_calibration(CALIB_DIR) if quantizer.requires_calibration else (None, None)
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        backend = quantizer.quantize(source, calibration, tmp, cfg.model.dtype)
+        seconds = time.perf_counter() - start
+        write_json(
+            tmp / PROVENANCE_FILE,
+            {
+                "algo": as_dict(cfg.algo),
+                **backend,
+                "source": str(source),
+                "source_sha256": read_json(source / PROVENANCE_FILE)["sha256"],
+                "calibration_sha256": calib_manifest["sha256"] if calib_manifest else None,
+                "sha256": hash_dir(tmp),
+                "seconds": round(seconds, 2),
+                "versions": library_versions(),
+            },
+        )
+    print(
+        f"[quantize@{name}] {cfg.algo.name} {cfg.algo.bits}-bit g{cfg.algo.group_size}: "
+        f"{dir_size(source) / 2**20:.1f} MiB -> {dir_size(out) / 2**20:.1f} MiB in {seconds:.1f}s -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,137 @@
+"""Every shipped config composes and validates; every validation rule rejects with its message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantorder.cli import compose
+from quantorder.config import load_config, parse_config
+from quantorder.errors import ConfigError, UserError
+
+from .conftest import ROOT
+
+CONF = ROOT / "conf"
+GROUPS = ["model", "data", "calib", "algo", "finetune", "eval"]
+
+
+def _compose(tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "params.yaml"
+    compose(list(overrides), conf_dir=CONF, out=out)
+    return yaml.safe_load(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def default_params(tmp_path_factory) -> dict:
+    return _compose(tmp_path_factory.mktemp("conf"))
+
+
+def test_committed_params_yaml_matches_conf(default_params):
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == default_params, "params.yaml is stale: run `quantorder compose`"
+
+
+@pytest.mark.parametrize("group,choice", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_choice_composes_and_validates(tmp_path, group, choice):
+    overrides = [f"{group}={choice}"]
+    if (group, choice) == ("data", "jsonl"):
+        overrides.append("data.path=/data/rows.jsonl")
+    params = _compose(tmp_path, *overrides)  # compose validates the result
+    chosen = yaml.safe_load((CONF / group / f"{choice}.yaml").read_text())
+    if group in ("finetune", "eval"):
+        assert params[group] == chosen
+    else:
+        assert params[group]["name"] == chosen["name"] == choice
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes_and_validates(tmp_path, preset):
+    params = _compose(tmp_path, f"+experiment={preset}")
+    if preset.startswith("olive"):
+        assert params["finetune"]["batch_size"] == 16 and params["finetune"]["max_steps"] == 100
+        assert params["finetune"]["max_seq_len"] == 1024 and params["model"]["dtype"] == "bfloat16"
+        assert params["data"]["name"] == "tiny-codes" and params["calib"]["name"] == "wikitext2"
+        assert params["calib"]["n_samples"] == 128
+
+
+def test_group_size_follows_the_model(tmp_path):
+    assert _compose(tmp_path)["algo"]["group_size"] == 64  # SmolLM2 is stored on a g32 grid
+    assert _compose(tmp_path, "model=tiny")["algo"]["group_size"] == 32
+    assert _compose(tmp_path, "model=phi-3.5-mini")["algo"]["group_size"] == 128
+    assert _compose(tmp_path, "algo.group_size=128")["algo"]["group_size"] == 128  # explicit override wins
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("algo=gtpq", "algo/gtpq"),
+        ("algo.gropu_size=64", "gropu_size"),
+        ("model=phi4", "model/phi4"),
+    ],
+)
+def test_compose_rejects_unknown_choice_or_key_in_one_line(tmp_path, override, message):
+    with pytest.raises(UserError, match=message) as info:
+        _compose(tmp_path, override)
+    assert "\n" not in str(info.value)
+    if override.startswith("algo="):
+        assert "rtn" in str(info.value)  # the allowed choices are listed
+
+
+def _mutated(default_params: dict, path: str, value) -> dict:
+    params = copy.deepcopy(default_params)
+    *parents, key = path.split(".")
+    node = params
+    for p in parents:
+        node = node[p]
+    node[key] = value
+    return params
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("algo.bits", 5, r"algo.bits=5: allowed for rtn: 4, 8"),
+        ("algo.group_size", 0, r"algo.group_size=0: must be -1 or a power of two"),
+        ("algo.group_size", 48, r"algo.group_size=48"),
+        ("algo.name", "gtpq", r"algo.name='gtpq': unknown algorithm \(allowed: rtn\)"),
+        ("algo.gropu_size", 64, r"algo.gropu_size: unknown key \(known: name, bits, group_size, sym\)"),
+        ("finetune.lr", -1e-4, r"finetune.lr=-0.0001: must be > 0"),
+        ("finetune.r", 0, r"finetune.r=0: must be > 0"),
+        ("finetune.max_steps", "ten", r"finetune.max_steps='ten': expected an integer"),
+        ("finetune.dropout", 1.5, r"finetune.dropout=1.5: must be in \[0, 1\)"),
+        ("finetune.target_modules", [], r"finetune.target_modules: must name at least one module"),
+        ("eval.max_seq_len", 4, r"eval.max_seq_len=4: must be >= 8"),
+        ("eval.answer_only", "yes", r"eval.answer_only='yes': expected bool"),
+        ("model.dtype", "int8", r"model.dtype='int8': allowed: bfloat16, float16, float32"),
+        ("model.source", "hub", r"model.source=hub needs model.hub_id"),
+        ("data.source", "jsonl", r"data.source=jsonl needs data.path"),
+        ("data.n_test", 0, r"data.n_test=0: must be > 0"),
+        ("calib.n_samples", -3, r"calib.n_samples=-3: must be > 0"),
+        ("seed", 1.5, r"seed=1.5: expected an integer"),
+        ("modle", {}, r"modle: unknown section"),
+    ],
+)
+def test_validation_names_the_bad_value_and_what_is_allowed(default_params, path, value, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(_mutated(default_params, path, value))
+    assert "\n" not in str(info.value)
+
+
+def test_all_problems_are_reported_together(default_params):
+    params = _mutated(_mutated(default_params, "algo.bits", 5), "finetune.lr", 0)
+    with pytest.raises(ConfigError) as info:
+        parse_config(params)
+    assert "algo.bits=5" in str(info.value) and "finetune.lr=0" in str(info.value)
+
+
+def test_load_config_reads_the_committed_params():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.algo.name == "rtn" and cfg.model.source == "package"
+
+
+def test_missing_params_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(ConfigError, match="quantorder compose"):
+        load_config(tmp_path / "params.yaml")

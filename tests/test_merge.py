@@ -1,0 +1,48 @@
+"""Merging: PEFT output equals merged output, for a float base and for a dequantized int base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from quantorder.merge import merge_adapter
+from quantorder.models import load_model
+
+CPU = torch.device("cpu")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_dir):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        load_model(tiny_dir, "float32", CPU), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    )
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("base", ["tiny_dir", "rtn_dir"])
+def test_merged_model_equals_base_plus_adapter(request, base, adapter_dir):
+    base_dir = request.getfixturevalue(base)
+    x = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(load_model(base_dir, "float32", CPU), adapter_dir)(input_ids=x).logits
+        plain = load_model(base_dir, "float32", CPU)(input_ids=x).logits
+        merged_model = merge_adapter(base_dir, adapter_dir, "float32", CPU)
+        merged = merged_model(input_ids=x).logits
+    assert not any(hasattr(m, "qweight") for m in merged_model.modules())  # a plain float model
+    assert "quantization_config" not in merged_model.config.to_dict()
+    assert (expected - plain).abs().max() > 1e-3  # the adapter changes the output
+    assert torch.allclose(merged, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_model_saves_and_reloads_as_float(tmp_path, rtn_dir, adapter_dir):
+    merged = merge_adapter(rtn_dir, adapter_dir, "float32", CPU)
+    merged.save_pretrained(tmp_path)
+    reloaded = load_model(tmp_path, "float32", CPU)
+    x = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, merged(input_ids=x).logits)

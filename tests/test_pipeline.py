@@ -1,0 +1,125 @@
+"""End to end: `dvc exp run` on the tiny model makes all seven variants; changing the algorithm
+re-executes only the quantization chain; switching back restores from the run-cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantorder.layout import VARIANTS
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+FLOAT_CHAIN = {"prepare", "calibrate", "finetune@ft", "merge@ft", "evaluate@base", "evaluate@ft"}
+QUANT_CHAIN = {
+    "quantize@base_q",
+    "finetune@q_ft",
+    "merge@q_ft",
+    "quantize@ft_merge_q",
+    "quantize@q_ft_merge_q",
+    "evaluate@base_q",
+    "evaluate@ft_q",
+    "evaluate@ft_merge_q",
+    "evaluate@q_ft",
+    "evaluate@q_ft_merge_q",
+}
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _executed(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    for item in ("conf", "stages", "src", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
+        src = ROOT / item
+        (
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            if src.is_dir()
+            else shutil.copy(src, repo / item)
+        )
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", "--allow-empty"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
+    return repo
+
+
+def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
+    first = _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+    assert _executed(first) == FLOAT_CHAIN | QUANT_CHAIN | {"report"}
+    metrics = {v: json.loads((project / "metrics/eval" / f"{v}.json").read_text()) for v in VARIANTS}
+    for name, m in metrics.items():
+        assert m["ppl"] > 1 and m["n_tokens"] > 0, name
+        samples = (project / "metrics/eval" / f"{name}.samples.csv").read_text().splitlines()
+        assert len(samples) == 1 + m["n_examples"] == 1 + 16
+        assert m["provenance"]["data_sha256"] and m["provenance"]["versions"]["torch"]
+    assert metrics["base_q"]["size_bytes"] < metrics["base"]["size_bytes"]
+    assert metrics["ft"]["ppl"] < metrics["base"]["ppl"]  # fine-tuning helped
+    summary = json.loads((project / "metrics/summary.json").read_text())
+    assert set(summary["ppl"]) == set(VARIANTS) and summary["gap_to_ft"]["ft"] == 0
+    assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
+    base_ppl = metrics["base"]["ppl"]
+
+    second = _run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo.bits=8"], project)
+    assert _executed(second) == QUANT_CHAIN | {"report"}
+    assert json.loads((project / "metrics/eval/base.json").read_text())["ppl"] == base_ppl
+    assert json.loads((project / "models/quantized/base_q/config.json").read_text())["quantization_config"]["bits"] == 8
+
+    third = _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+    assert _executed(third) == {"report"}  # everything else comes back from the run-cache
+    assert "MLflow already has these results" in third
+    restored = json.loads((project / "metrics/eval/base_q.json").read_text())
+    assert restored["ppl"] == metrics["base_q"]["ppl"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["quantorder"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == 2 and len(runs) == 2 + 2 * len(VARIANTS)
+    assert set(runs["tags.mlflow.runName"]) >= set(VARIANTS)
+
+
+def test_stage_reports_user_errors_in_one_line(project):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [sys.executable, "stages/evaluate.py", "nonsense"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: variant 'nonsense' unknown (allowed: base, base_q, ft, ft_q, ft_merge_q, q_ft, q_ft_merge_q)"
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
+    out = tmp_path / "variants.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "2", "--batch-sizes", "1", "2"]
+    _run(cmd + ["--out", str(out)], project)
+    results = json.loads(out.read_text())
+    assert list(results["variants"]) == list(VARIANTS)
+    for r in results["variants"].values():
+        assert set(r["decode_tokens_per_s"]) == {"1", "2"} and min(r["decode_tokens_per_s"].values()) > 0
+        assert r["peak_mem_bytes"] > 0
+    assert results["variants"]["base_q"]["linear_bits_per_weight"] == pytest.approx(4 + 20 / 32)
+    assert "| `q_ft_merge_q` |" in out.with_suffix(".md").read_text()
