@@ -70,12 +70,9 @@ def log_experiment(
             if experiment
             else mlflow.create_experiment(cfg.experiment, artifact_location=(root / "mlartifacts").as_uri())
         )
+        if len(mlflow.search_runs([experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}'")):
+            return None  # e.g. a run-cache restore of results already logged under another name
         name = run_name()
-        seen = mlflow.search_runs(
-            [experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}' and tags.`mlflow.runName` = '{name}'"
-        )
-        if len(seen):
-            return None
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={SUMMARY_TAG: digest}) as parent:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
             mlflow.log_metrics(_numeric({k: v for k, v in summary.items() if k != "algo"}))

@@ -1,0 +1,44 @@
+"""MLflow view: a parent run with one nested run per variant, never logged twice, store in the project."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantorder.config import TrackingCfg
+from quantorder.layout import VARIANTS
+from quantorder.tracking import flatten, log_experiment
+
+
+def test_flatten_gives_dotted_keys():
+    assert flatten({"algo": {"bits": 4, "sym": False}, "seed": 0}) == {"algo.bits": 4, "algo.sym": False, "seed": 0}
+
+
+def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    monkeypatch.chdir(tmp_path)
+    chart = tmp_path / "ppl.png"
+    chart.write_bytes(b"\x89PNG fake")
+    variants = {
+        v: {"ppl": 10.0 + i, "provenance": {"seed": 0, "versions": {"torch": "x"}}} for i, v in enumerate(VARIANTS)
+    }
+    params = {"algo": {"name": "rtn", "bits": 4}, "seed": 0}
+    run_id = log_experiment(TrackingCfg(), params, {"ppl": {"ft": 12.0}}, variants, [chart])
+    assert run_id is not None
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")  # same results under another name: not logged again
+    assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 12.0}}, variants, [chart]) is None
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["quantorder"])
+    assert len(runs) == 1 + len(VARIANTS)
+    parent = runs[runs["run_id"] == run_id].iloc[0]
+    assert parent["tags.mlflow.runName"] == "exp-a" and parent["params.algo.bits"] == "4"
+    assert parent["metrics.ppl.ft"] == pytest.approx(12.0)
+    child = runs[runs["tags.mlflow.runName"] == "q_ft"].iloc[0]
+    assert child["tags.mlflow.parentRunId"] == run_id and child["metrics.ppl"] == pytest.approx(15.0)
+    assert child["params.versions.torch"] == "x"
+    artifacts = mlflow.artifacts.list_artifacts(run_id=run_id)
+    assert [a.path for a in artifacts] == ["ppl.png"]
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts live in the project, not in a DVC temp workspace
