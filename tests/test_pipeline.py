@@ -117,7 +117,7 @@ def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "2", "--batch-sizes", "1", "2"]
     _run(cmd + ["--out", str(out)], project)
     results = json.loads(out.read_text())
-    assert list(results["variants"]) == list(VARIANTS)
+    assert set(results["variants"]) == set(VARIANTS)
     for r in results["variants"].values():
         assert set(r["decode_tokens_per_s"]) == {"1", "2"} and min(r["decode_tokens_per_s"].values()) > 0
         assert r["peak_mem_bytes"] > 0

@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -185,7 +186,9 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
         kernel = quantized_kernel(device, sym=qcfg.get("sym", True), training=training)
         kwargs["quantization_config"] = GPTQConfig(bits=qcfg["bits"], backend=kernel)
         kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    with warnings.catch_warnings():  # passing a config only to pick the kernel is intended
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model.to(device)
 
 

@@ -65,6 +65,7 @@ class GPTQModelQuantizer(Quantizer):
     def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
         model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
         # GPTQModel logs every layer with progress bars; keep its log beside the weights instead
         # of in the stage output, and run it in a scratch dir because it writes ./logs/.
         with (
