@@ -33,7 +33,9 @@ from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resol
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
 
 
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int) -> float:
