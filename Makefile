@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 repro: install
-	@[ -d .git ] || { git init -q && git add -A && git commit -qm "quantorder"; }
+	@[ -d .git ] || { git init -q && git add -A && \
+	  git -c user.name=quantorder -c user.email=quantorder@localhost commit -qm "quantorder"; }
 	dvc repro
 
 test: install

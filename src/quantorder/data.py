@@ -133,19 +133,19 @@ def _hub_splits(cfg: DataCfg) -> dict[str, list[dict]]:
 
 def build_splits(cfg: DataCfg) -> tuple[dict[str, list[dict]], dict]:
     """Rows of each split and a description of the source for the manifest."""
-    if cfg.source == "stdlib":
-        rows = stdlib_qa_rows(cfg.max_answer_chars)
-        splits = _seeded_split(rows, cfg)
-        source = {"kind": "stdlib", "python": platform.python_version(), "stdlib": sysconfig.get_paths()["stdlib"]}
-    elif cfg.source == "jsonl":
-        rows = read_jsonl(cfg.path)
-        splits = _seeded_split(rows, cfg)
-        source = {"kind": "jsonl", "path": str(cfg.path)}
-    else:
+    if cfg.source == "hub":
         splits = _hub_splits(cfg)
         source = {"kind": "hub", "hub_id": cfg.hub_id, "config": cfg.hub_config}
+    else:
+        if cfg.source == "stdlib":
+            rows = stdlib_qa_rows(cfg.max_answer_chars)
+            source = {"kind": "stdlib", "python": platform.python_version(), "stdlib": sysconfig.get_paths()["stdlib"]}
+        else:
+            rows = read_jsonl(cfg.path)
+            source = {"kind": "jsonl", "path": str(cfg.path)}
+        splits = _seeded_split(rows, cfg)
+        source["rows_available"] = len(rows)
     _check_rows(splits, cfg)
-    source["rows_available"] = len(rows) if cfg.source != "hub" else None
     return splits, source
 
 
