@@ -86,11 +86,11 @@ def chart(summary: dict, path: Path) -> None:
             color="#C44E52" if v == "ft" else "gray",
             label=f"{v} {summary['ppl'][v]:.2f}",
         )
-    low = min(ppl + [summary["ppl"][v] for v in REFERENCE_VARIANTS])
-    ax.set_ylim(bottom=low * 0.9)
+    values = ppl + [summary["ppl"][v] for v in REFERENCE_VARIANTS]
+    ax.set_ylim(min(values) * 0.9, max(values) * 1.2)  # headroom above the bars for the legend
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"quantize before or after fine-tuning? ({summary['algo']})")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
