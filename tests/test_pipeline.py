@@ -1,4 +1,4 @@
-"""End to end: `dvc exp run` on the tiny model makes all seven variants; changing the algorithm
+"""End to end: `dvc exp run` on the tiny model makes all seven variants; switching from RTN to GPTQ
 re-executes only the quantization chain; switching back restores from the run-cache."""
 
 from __future__ import annotations
@@ -91,10 +91,12 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
     base_ppl = metrics["base"]["ppl"]
 
-    second = _run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo.bits=8"], project)
+    second = _run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=gptq"], project)
     assert _executed(second) == QUANT_CHAIN | {"report"}
     assert json.loads((project / "metrics/eval/base.json").read_text())["ppl"] == base_ppl
-    assert json.loads((project / "models/quantized/base_q/config.json").read_text())["quantization_config"]["bits"] == 8
+    made = json.loads((project / "models/quantized/base_q/quantorder.json").read_text())
+    calibration = json.loads((project / "data/calibration/manifest.json").read_text())
+    assert made["algo"]["name"] == "gptq" and made["calibration_sha256"] == calibration["sha256"]
 
     third = _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
     assert _executed(third) == {"report"}  # everything else comes back from the run-cache

@@ -19,15 +19,15 @@ import yaml
 
 from quantorder.errors import ConfigError
 
-DTYPES = ("bfloat16", "float16", "float32")
 
-
-def _check(problems: list[str], ok: bool, message: str) -> None:
+def require(problems: list[str], ok: bool, message: str) -> None:
+    """Append `message` to `problems` unless `ok`."""
     if not ok:
         problems.append(message)
 
 
-def _raise_if(problems: list[str]) -> None:
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError listing every problem, if any."""
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -62,14 +62,14 @@ class ModelCfg:
     def __post_init__(self) -> None:
         p: list[str] = []
         if self.source == "package":
-            _check(
+            require(
                 p, bool(self.package and self.gguf_file), "model.source=package needs model.package and model.gguf_file"
             )
         if self.source == "hub":
-            _check(p, bool(self.hub_id), "model.source=hub needs model.hub_id")
+            require(p, bool(self.hub_id), "model.source=hub needs model.hub_id")
         if self.source == "tiny":
-            _check(p, self.tiny is not None, "model.source=tiny needs a model.tiny section")
-        _raise_if(p)
+            require(p, self.tiny is not None, "model.source=tiny needs a model.tiny section")
+        raise_problems(p)
 
 
 @dataclass
@@ -95,12 +95,12 @@ class DataCfg:
         p: list[str] = []
         if self.source == "hub":
             missing = [k for k in ("hub_id", "train_split", "val_split", "test_split") if not getattr(self, k)]
-            _check(p, not missing, f"data.source=hub needs data.{', data.'.join(missing)}")
+            require(p, not missing, f"data.source=hub needs data.{', data.'.join(missing)}")
         if self.source == "jsonl":
-            _check(p, bool(self.path), "data.source=jsonl needs data.path")
+            require(p, bool(self.path), "data.source=jsonl needs data.path")
         for k in ("n_train", "n_val", "n_test", "max_answer_chars"):
-            _check(p, getattr(self, k) > 0, f"data.{k}={getattr(self, k)}: must be > 0")
-        _raise_if(p)
+            require(p, getattr(self, k) > 0, f"data.{k}={getattr(self, k)}: must be > 0")
+        raise_problems(p)
 
 
 @dataclass
@@ -119,11 +119,11 @@ class CalibCfg:
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        _check(p, self.n_samples > 0, f"calib.n_samples={self.n_samples}: must be > 0")
-        _check(p, self.seq_len >= 8, f"calib.seq_len={self.seq_len}: must be >= 8")
+        require(p, self.n_samples > 0, f"calib.n_samples={self.n_samples}: must be > 0")
+        require(p, self.seq_len >= 8, f"calib.seq_len={self.seq_len}: must be >= 8")
         if self.source == "hub":
-            _check(p, bool(self.hub_id), "calib.source=hub needs calib.hub_id")
-        _raise_if(p)
+            require(p, bool(self.hub_id), "calib.source=hub needs calib.hub_id")
+        raise_problems(p)
 
 
 @dataclass
@@ -140,10 +140,10 @@ class AlgoCfg:
     def __post_init__(self) -> None:
         p: list[str] = []
         allowed = ", ".join(map(str, self.allowed_bits))
-        _check(p, self.bits in self.allowed_bits, f"algo.bits={self.bits}: allowed for {self.name}: {allowed}")
+        require(p, self.bits in self.allowed_bits, f"algo.bits={self.bits}: allowed for {self.name}: {allowed}")
         ok_group = self.group_size == -1 or (self.group_size >= 16 and self.group_size & (self.group_size - 1) == 0)
-        _check(p, ok_group, f"algo.group_size={self.group_size}: must be -1 or a power of two >= 16")
-        _raise_if(p)
+        require(p, ok_group, f"algo.group_size={self.group_size}: must be -1 or a power of two >= 16")
+        raise_problems(p)
 
 
 @dataclass
@@ -169,17 +169,17 @@ class FinetuneCfg:
     def __post_init__(self) -> None:
         p: list[str] = []
         for k in ("r", "alpha", "batch_size", "grad_accum", "max_steps", "max_seq_len", "log_every"):
-            _check(p, getattr(self, k) > 0, f"finetune.{k}={getattr(self, k)}: must be > 0")
-        _check(p, self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
-        _check(p, 0 <= self.dropout < 1, f"finetune.dropout={self.dropout}: must be in [0, 1)")
-        _check(p, self.weight_decay >= 0, f"finetune.weight_decay={self.weight_decay}: must be >= 0")
-        _check(
+            require(p, getattr(self, k) > 0, f"finetune.{k}={getattr(self, k)}: must be > 0")
+        require(p, self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
+        require(p, 0 <= self.dropout < 1, f"finetune.dropout={self.dropout}: must be in [0, 1)")
+        require(p, self.weight_decay >= 0, f"finetune.weight_decay={self.weight_decay}: must be >= 0")
+        require(
             p,
             0 <= self.warmup_steps <= self.max_steps,
             f"finetune.warmup_steps={self.warmup_steps}: must be in [0, max_steps]",
         )
-        _check(p, bool(self.target_modules), "finetune.target_modules: must name at least one module")
-        _raise_if(p)
+        require(p, bool(self.target_modules), "finetune.target_modules: must name at least one module")
+        raise_problems(p)
 
 
 @dataclass
@@ -193,10 +193,10 @@ class EvalCfg:
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        _check(p, self.max_seq_len >= 8, f"eval.max_seq_len={self.max_seq_len}: must be >= 8")
-        _check(p, self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be > 0")
-        _check(p, self.max_examples >= 0, f"eval.max_examples={self.max_examples}: must be >= 0")
-        _raise_if(p)
+        require(p, self.max_seq_len >= 8, f"eval.max_seq_len={self.max_seq_len}: must be >= 8")
+        require(p, self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be > 0")
+        require(p, self.max_examples >= 0, f"eval.max_examples={self.max_examples}: must be >= 0")
+        raise_problems(p)
 
 
 @dataclass
@@ -316,7 +316,7 @@ def parse_config(params: Mapping[str, Any]) -> Config:
             if cls is None:
                 continue
         built[name] = build(cls, raw, name, problems)
-    _raise_if(problems)
+    raise_problems(problems)
     return Config(**built)
 
 
