@@ -40,6 +40,7 @@ def main() -> None:
         "peak_mem_bytes": peak,
         "eval_tokens_per_s": result.tokens_per_s,
         "eval_seconds": result.seconds,
+        "update_survival": model_info.get("update_survival"),
         "provenance": {
             "seed": cfg.seed,
             "eval": as_dict(cfg.eval),

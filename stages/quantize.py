@@ -11,7 +11,8 @@ from quantorder.calibration import load_calibration
 from quantorder.cli import print_config, run_stage, stage_target
 from quantorder.config import as_dict, load_config
 from quantorder.io import atomic_dir, read_json, write_json
-from quantorder.layout import CALIB_DIR, QUANTIZE_SOURCES, QUANTIZED_DIR
+from quantorder.layout import CALIB_DIR, MERGE_REFERENCES, QUANTIZE_SOURCES, QUANTIZED_DIR
+from quantorder.merge import update_survival
 from quantorder.models import PROVENANCE_FILE, dir_size
 from quantorder.provenance import hash_dir, library_versions
 from quantorder.quantize import get_quantizer
@@ -28,6 +29,7 @@ def main() -> None:
     with atomic_dir(out) as tmp:
         backend = quantizer.quantize(source, calibration, tmp, cfg.model.dtype)
         seconds = time.perf_counter() - start
+        survival = update_survival(*MERGE_REFERENCES[name], source, tmp) if name in MERGE_REFERENCES else None
         write_json(
             tmp / PROVENANCE_FILE,
             {
@@ -38,12 +40,14 @@ def main() -> None:
                 "calibration_sha256": calib_manifest["sha256"] if calib_manifest else None,
                 "sha256": hash_dir(tmp),
                 "seconds": round(seconds, 2),
+                "update_survival": survival,
                 "versions": library_versions(),
             },
         )
     print(
         f"[quantize@{name}] {cfg.algo.name} {cfg.algo.bits}-bit g{cfg.algo.group_size}: "
         f"{dir_size(source) / 2**20:.1f} MiB -> {dir_size(out) / 2**20:.1f} MiB in {seconds:.1f}s -> {out}"
+        + (f"; LoRA update kept: {survival['overall']['kept']:.1%}" if survival else "")
     )
 
 

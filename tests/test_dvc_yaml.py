@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from quantorder.layout import FINETUNE_BASES, QUANTIZE_SOURCES, VARIANTS
+from quantorder.layout import FINETUNE_BASES, MERGE_REFERENCES, QUANTIZE_SOURCES, VARIANTS
 
 from .conftest import ROOT
 
@@ -20,7 +20,10 @@ def test_variant_deps_match_layout():
 
 
 def test_quantize_finetune_merge_sources_match_layout():
-    assert {k: v for k, v in STAGES["quantize"]["foreach"].items()} == {k: str(v) for k, v in QUANTIZE_SOURCES.items()}
+    quantize = STAGES["quantize"]["foreach"]
+    assert {k: v["source"] for k, v in quantize.items()} == {k: str(v) for k, v in QUANTIZE_SOURCES.items()}
+    for name, (reference, _) in MERGE_REFERENCES.items():
+        assert quantize[name]["reference"] == str(reference)
     assert STAGES["finetune"]["foreach"] == {k: str(v) for k, v in FINETUNE_BASES.items()}
     assert STAGES["merge"]["foreach"] == {k: str(v) for k, v in FINETUNE_BASES.items()}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -46,3 +48,29 @@ def test_merged_model_saves_and_reloads_as_float(tmp_path, rtn_dir, adapter_dir)
     x = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=x).logits, merged(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("scale,low,high", [(1e-3, -0.2, 0.2), (30.0, 0.9, 1.1)])
+def test_update_survival_tells_kept_from_rounded_away(tmp_path, tiny_dir, rtn_dir, scale, low, high):
+    """A tiny LoRA update rounds back to the old grid (kept ~ 0); a large one survives (kept ~ 1)."""
+    from quantorder.merge import update_survival
+    from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+
+    torch.manual_seed(0)
+    model = load_model(rtn_dir, "float32", CPU)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(rtn_dir, tmp_path / "adapter", "float32", CPU)
+    merged.save_pretrained(tmp_path / "merged")
+    for f in rtn_dir.glob("tokenizer*"):  # the quantizer loads the tokenizer with the model
+        shutil.copy(f, tmp_path / "merged")
+    RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=32)).quantize(
+        tmp_path / "merged", None, tmp_path / "q", "float32"
+    )
+    survival = update_survival(rtn_dir, rtn_dir, tmp_path / "merged", tmp_path / "q")
+    assert len(survival["per_layer"]) == 14
+    assert low < survival["overall"]["kept"] < high, survival["overall"]

@@ -88,6 +88,8 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert metrics["ft"]["ppl"] < metrics["base"]["ppl"]  # fine-tuning helped
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert set(summary["ppl"]) == set(VARIANTS) and summary["gap_to_ft"]["ft"] == 0
+    assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q"}
+    assert metrics["q_ft_merge_q"]["update_survival"]["per_layer"]
     assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
     base_ppl = metrics["base"]["ppl"]
 

@@ -46,5 +46,11 @@ QUANTIZE_SOURCES: dict[str, Path] = {
     "ft_merge_q": MERGED_DIR / "ft",
     "q_ft_merge_q": MERGED_DIR / "q_ft",
 }
+# quantize@X of a merged model: (the quantized model, the float model) the merged update started from,
+# for measuring how much of the update survives requantization
+MERGE_REFERENCES: dict[str, tuple[Path, Path]] = {
+    "ft_merge_q": (QUANTIZED_DIR / "base_q", BASE_DIR),
+    "q_ft_merge_q": (QUANTIZED_DIR / "base_q", QUANTIZED_DIR / "base_q"),
+}
 # finetune@X and merge@X: the model the adapter is trained on and merged into
 FINETUNE_BASES: dict[str, Path] = {"ft": BASE_DIR, "q_ft": QUANTIZED_DIR / "base_q"}

@@ -64,3 +64,40 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, device: torch.d
         model = dequantize(model, getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     return merged
+
+
+def linear_weights(model_dir: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Float32 (out, in) weights of the linear layers of a model dir, dequantized where int-packed.
+
+    Without `names`: the layers that are int-packed in this dir (all nn.Linear if none are).
+    """
+    model = load_model(model_dir, "float32", torch.device("cpu"))
+    modules = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in modules.items() if hasattr(m, "qweight")]
+    return {
+        n: (modules[n].dequantize_weight().t() if hasattr(modules[n], "qweight") else modules[n].weight)
+        .detach()
+        .float()
+        for n in names
+    }
+
+
+def update_survival(before_q: Path, source: Path, merged: Path, after_q: Path) -> dict:
+    """How much of a merged LoRA update survives requantization, per layer and overall.
+
+    dW = merged - source is the float update; dQ = Q(merged) - Q(source) is what the quantized
+    model actually changed. `kept` = <dQ, dW> / ||dW||^2 (1: the update survives, 0: it rounded
+    away) and `norm_ratio` = ||dQ|| / ||dW||.
+    """
+    after = linear_weights(after_q)
+    names = list(after)
+    before, src, new = (linear_weights(d, names) for d in (before_q, source, merged))
+    per_layer, dots, dw_sq, dq_sq = {}, 0.0, 0.0, 0.0
+    for n in names:
+        dw, dq = new[n] - src[n], after[n] - before[n]
+        dot, w2, q2 = (dq * dw).sum().item(), dw.pow(2).sum().item(), dq.pow(2).sum().item()
+        per_layer[n] = {"kept": dot / w2 if w2 else 0.0, "norm_ratio": (q2 / w2) ** 0.5 if w2 else 0.0}
+        dots, dw_sq, dq_sq = dots + dot, dw_sq + w2, dq_sq + q2
+    overall = {"kept": dots / dw_sq, "norm_ratio": (dq_sq / dw_sq) ** 0.5}
+    return {"overall": overall, "per_layer": per_layer}

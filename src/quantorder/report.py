@@ -33,6 +33,10 @@ def summarize(metrics: dict[str, dict], algo_label: str) -> dict:
         "bits_per_param": {v: round(m["bits_per_param"], 3) for v, m in metrics.items()},
         "eval_tokens_per_s": {v: round(m["eval_tokens_per_s"], 1) for v, m in metrics.items()},
         "peak_mem_mib": {v: round(m["peak_mem_bytes"] / 2**20, 1) for v, m in metrics.items()},
+        # share of the merged LoRA update that survives requantization (1: all of it)
+        "update_kept": {
+            v: round(m["update_survival"]["overall"]["kept"], 4) for v, m in metrics.items() if m.get("update_survival")
+        },
     }
 
 
