@@ -92,7 +92,8 @@ def update_survival(before_q: Path, source: Path, merged: Path, after_q: Path) -
     """
     after = linear_weights(after_q)
     names = list(after)
-    before, src, new = (linear_weights(d, names) for d in (before_q, source, merged))
+    before, new = linear_weights(before_q, names), linear_weights(merged, names)
+    src = before if source == before_q else linear_weights(source, names)  # q_ft_merge_q started from Q(W)
     per_layer, dots, dw_sq, dq_sq = {}, 0.0, 0.0, 0.0
     for n in names:
         dw, dq = new[n] - src[n], after[n] - before[n]
