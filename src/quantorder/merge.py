@@ -9,9 +9,21 @@ import torch
 from quantorder.models import is_quantized, load_model
 
 
+def is_int_linear(module: torch.nn.Module) -> bool:
+    """An int-packed linear layer of GPTQModel."""
+    return hasattr(module, "qweight") and hasattr(module, "dequantize_weight")
+
+
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The (out, in) weight a linear layer computes with, dequantized if it is int-packed."""
+    if is_int_linear(module):
+        return module.dequantize_weight().t()  # GPTQModel returns (in_features, out_features)
+    return module.weight
+
+
 def _dequantized_linear(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
     """A float nn.Linear holding exactly the dequantized weights of an int-packed layer."""
-    weight = module.dequantize_weight().t()  # GPTQModel returns (in_features, out_features)
+    weight = linear_weight(module)
     bias = getattr(module, "bias", None)
     linear = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype)
     with torch.no_grad():
@@ -35,7 +47,7 @@ def dequantize(model, dtype: torch.dtype):
     state = {}
     quant_prefixes = []
     for name, module in model.named_modules():
-        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
+        if is_int_linear(module):
             linear = _dequantized_linear(module, dtype)
             state.update({f"{name}.{k}": v for k, v in linear.state_dict().items()})
             quant_prefixes.append(f"{name}.")
@@ -74,13 +86,8 @@ def linear_weights(model_dir: Path, names: list[str] | None = None) -> dict[str,
     model = load_model(model_dir, "float32", torch.device("cpu"))
     modules = dict(model.named_modules())
     if names is None:
-        names = [n for n, m in modules.items() if hasattr(m, "qweight")]
-    return {
-        n: (modules[n].dequantize_weight().t() if hasattr(modules[n], "qweight") else modules[n].weight)
-        .detach()
-        .float()
-        for n in names
-    }
+        names = [n for n, m in modules.items() if is_int_linear(m)]
+    return {n: linear_weight(modules[n]).detach().float() for n in names}
 
 
 def update_survival(before_q: Path, source: Path, merged: Path, after_q: Path) -> dict:
