@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-init Llama with its own tokenizer, and its RTN-quantized copy."""
+"""Shared fixtures: a tiny random-init Llama with its own tokenizer, and its RTN- and AWQ-quantized copies."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantorder.config import TinyArchCfg
-from quantorder.data import render, stdlib_qa_rows
-from quantorder.models import tiny_llama, tiny_tokenizer
+from quantorder.calibration import draw_windows
+from quantorder.config import CalibCfg, TinyArchCfg
+from quantorder.data import pydoc_prose, render, stdlib_qa_rows
+from quantorder.models import load_tokenizer, tiny_llama, tiny_tokenizer
+from quantorder.quantize.awq import AWQCfg, AWQQuantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -29,6 +31,16 @@ def tiny_dir(tmp_path_factory, qa_rows) -> Path:
     tok = tiny_tokenizer([render(TEMPLATE, r) for r in qa_rows], vocab_size=512)
     tiny_llama(TinyArchCfg(), tok, seed=0, dtype=torch.float32).save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def awq_dir(tmp_path_factory, tiny_dir) -> Path:
+    out = tmp_path_factory.mktemp("tiny_awq")
+    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=16, seq_len=64)
+    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:50_000], cfg)
+    calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
+    AWQQuantizer(AWQCfg(name="awq", bits=4, group_size=32)).quantize(tiny_dir, calibration, out, "float32")
     return out
 
 

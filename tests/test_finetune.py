@@ -37,7 +37,7 @@ def test_loss_falls_and_log_has_one_line_per_interval(tiny_dir, qa_rows, tmp_pat
     assert {"loss", "lr", "tokens_per_s", "peak_mem_gb"} <= set(records[0])
     assert capsys.readouterr().out.count("step ") == 3
     # LoRA r=8 on 7 projections of 2 layers: r * (in + out) each
-    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    shapes = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
     assert result.trainable_params == 2 * sum(8 * (i + o) for i, o in shapes)
 
 
@@ -47,9 +47,12 @@ def test_same_seed_same_losses(tiny_dir, qa_rows, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-def test_training_on_quantized_base_keeps_it_frozen(rtn_dir, qa_rows, tmp_path):
-    frozen = {n: b.clone() for n, b in load_model(rtn_dir, "float32", CPU).named_buffers() if n.endswith("qweight")}
-    model, result, _, before = _train(rtn_dir, qa_rows, tmp_path)
+@pytest.mark.parametrize("base", ["rtn_dir", "awq_dir"])
+def test_training_on_quantized_base_keeps_it_frozen(request, base, qa_rows, tmp_path):
+    base_dir = request.getfixturevalue(base)
+    frozen = {n: b.clone() for n, b in load_model(base_dir, "float32", CPU).named_buffers() if n.endswith("qweight")}
+    assert frozen
+    model, result, _, before = _train(base_dir, qa_rows, tmp_path)
     after = {
         n.replace("base_model.model.", "").replace(".base_layer", ""): b
         for n, b in model.named_buffers()

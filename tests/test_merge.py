@@ -26,7 +26,7 @@ def adapter_dir(tmp_path_factory, tiny_dir):
     return out
 
 
-@pytest.mark.parametrize("base", ["tiny_dir", "rtn_dir"])
+@pytest.mark.parametrize("base", ["tiny_dir", "rtn_dir", "awq_dir"])
 def test_merged_model_equals_base_plus_adapter(request, base, adapter_dir):
     base_dir = request.getfixturevalue(base)
     x = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -37,8 +37,10 @@ def test_merged_model_equals_base_plus_adapter(request, base, adapter_dir):
         merged = merged_model(input_ids=x).logits
     assert not any(hasattr(m, "qweight") for m in merged_model.modules())  # a plain float model
     assert "quantization_config" not in merged_model.config.to_dict()
-    assert (expected - plain).abs().max() > 1e-3  # the adapter changes the output
-    assert torch.allclose(merged, expected, atol=1e-4, rtol=1e-4)
+    effect = (expected - plain).abs().max()
+    assert effect > 1e-3  # the adapter changes the output
+    # exact up to float32 rounding; AWQ's kernel computes in bf16 (8-bit mantissa), the merged model in float32
+    assert (merged - expected).abs().max() < (2e-2 if base == "awq_dir" else 1e-4) * max(1.0, effect)
 
 
 def test_merged_model_saves_and_reloads_as_float(tmp_path, rtn_dir, adapter_dir):

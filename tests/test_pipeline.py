@@ -1,5 +1,6 @@
-"""End to end: `dvc exp run` on the tiny model makes all seven variants; switching from RTN to GPTQ
-re-executes only the quantization chain; switching back restores from the run-cache."""
+"""End to end: `dvc exp run` on the tiny model makes all seven variants with RTN; a queued grid of GPTQ
+and AWQ re-executes only the quantization chain of each; switching to AWQ afterwards restores every
+stage but the report from the run-cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,26 +95,57 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
     base_ppl = metrics["base"]["ppl"]
 
-    second = _run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=gptq"], project)
-    assert _executed(second) == QUANT_CHAIN | {"report"}
+    # the grid of the other algorithms, queued: each experiment runs only its quantization chain
+    _run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,awq"], project)
+    _run(["dvc", "queue", "start"], project)
+    names = _wait_for_queue(project)
+    assert len(names) == 2
+    for name in names:
+        assert _executed(_run(["dvc", "queue", "logs", name], project)) == QUANT_CHAIN | {"report"}, name
+    shown = _experiment_summaries(project)
+    assert sorted(s["algo"].split()[0] for s in shown.values()) == ["awq", "gptq", "rtn"]
+    assert len({s["ppl"]["base"] for s in shown.values()}) == 1  # one float chain, shared
+    assert len({s["ppl"]["base_q"] for s in shown.values()}) == 3  # three different quantizations
+
+    third = _run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=awq"], project)
+    assert _executed(third) == {"report"}  # everything else comes back from the run-cache the queue filled
+    assert "MLflow already has these results" in third
     assert json.loads((project / "metrics/eval/base.json").read_text())["ppl"] == base_ppl
     made = json.loads((project / "models/quantized/base_q/quantorder.json").read_text())
     calibration = json.loads((project / "data/calibration/manifest.json").read_text())
-    assert made["algo"]["name"] == "gptq" and made["calibration_sha256"] == calibration["sha256"]
-
-    third = _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
-    assert _executed(third) == {"report"}  # everything else comes back from the run-cache
-    assert "MLflow already has these results" in third
-    restored = json.loads((project / "metrics/eval/base_q.json").read_text())
-    assert restored["ppl"] == metrics["base_q"]["ppl"]
+    assert made["algo"]["name"] == "awq" and made["calibration_sha256"] == calibration["sha256"]
+    assert made["searched_scales"]["groups"] == 6  # qkv, gate/up, down in each of 2 layers (v->o: GQA shapes differ)
+    assert (project / "models/quantized/base_q" / made["searched_scales"]["file"]).is_file()
 
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["quantorder"])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
-    assert len(parents) == 2 and len(runs) == 2 + 2 * len(VARIANTS)
+    assert len(parents) == 3 and len(runs) == 3 + 3 * len(VARIANTS)
     assert set(runs["tags.mlflow.runName"]) >= set(VARIANTS)
+
+
+def _wait_for_queue(project: Path, timeout_s: float = 1200) -> list[str]:
+    """Wait until no queued experiment is waiting or running; the names of those that ran (all must succeed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = _run(["dvc", "queue", "status"], project).splitlines()
+        tasks = [
+            row.split() for row in lines[1:] if row.split()[-1:] in (["Queued"], ["Running"], ["Success"], ["Failed"])
+        ]
+        if tasks and not any(t[-1] in ("Queued", "Running") for t in tasks):
+            assert all(t[-1] == "Success" for t in tasks), tasks
+            return [t[1] for t in tasks]
+        time.sleep(5)
+    raise AssertionError("queued experiments did not finish in time")
+
+
+def _experiment_summaries(project: Path) -> dict[str, dict]:
+    """metrics/summary.json of every experiment `dvc exp show` lists, by experiment name."""
+    baseline = json.loads(_run(["dvc", "exp", "show", "--json"], project))[1]
+    revs = [rev for exp in baseline["experiments"] for rev in exp["revs"]]
+    return {rev["name"]: rev["data"]["metrics"]["metrics/summary.json"]["data"] for rev in revs}
 
 
 def test_stage_reports_user_errors_in_one_line(project):

@@ -36,8 +36,8 @@ def raise_problems(problems: list[str]) -> None:
 class TinyArchCfg:
     """Shape of a random-init Llama built locally (tests, smoke runs)."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    hidden_size: int = 128  # with 2 kv heads, k/v outputs are 64 wide: what AWQ's clip search needs
+    intermediate_size: int = 256
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2

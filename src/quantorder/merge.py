@@ -10,15 +10,21 @@ from quantorder.models import is_quantized, load_model
 
 
 def is_int_linear(module: torch.nn.Module) -> bool:
-    """An int-packed linear layer of GPTQModel."""
-    return hasattr(module, "qweight") and hasattr(module, "dequantize_weight")
+    """An int-packed linear layer of GPTQModel (GPTQ or AWQ format)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return isinstance(module, BaseQuantLinear)
 
 
 def linear_weight(module: torch.nn.Module) -> torch.Tensor:
     """The (out, in) weight a linear layer computes with, dequantized if it is int-packed."""
-    if is_int_linear(module):
+    if not is_int_linear(module):
+        return module.weight
+    if hasattr(module, "dequantize_weight"):
         return module.dequantize_weight().t()  # GPTQModel returns (in_features, out_features)
-    return module.weight
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(module.qweight, module.qzeros, module.scales, module.bits, module.group_size).t()
 
 
 def _dequantized_linear(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:

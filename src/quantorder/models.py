@@ -145,14 +145,20 @@ def is_quantized(model_dir: str | Path) -> bool:
     return "quantization_config" in config
 
 
-def quantized_kernel(device: torch.device, sym: bool, training: bool) -> str:
-    """GPTQModel kernel for an int-packed checkpoint.
+def quantization_config(qcfg: dict, device: torch.device, training: bool):
+    """The transformers config that loads an int-packed checkpoint (GPTQ or AWQ format) with the
+    right GPTQModel kernel.
 
-    Marlin (fast, CUDA, symmetric only, inference only) where it applies; otherwise GPTQModel's
-    pure-torch kernel, which runs on CPU and CUDA, handles asymmetric groups and trains. On CUDA,
-    GPTQModel's own default (Machete) JIT-builds from downloaded sources and fails offline.
+    Marlin (fast, CUDA, inference only; symmetric only for GPTQ) where it applies; otherwise
+    GPTQModel's pure-torch kernels, which run on CPU and CUDA, handle zero points and train. On
+    CUDA, GPTQModel's own default (Machete) JIT-builds from downloaded sources and fails offline.
     """
-    return "marlin" if device.type == "cuda" and sym and not training else "torch"
+    from transformers import AwqConfig, GPTQConfig
+
+    marlin = device.type == "cuda" and not training
+    if qcfg.get("quant_method") == "awq":
+        return AwqConfig(bits=qcfg["bits"], backend="marlin" if marlin else "torch_awq")
+    return GPTQConfig(bits=qcfg["bits"], backend="marlin" if marlin and qcfg.get("sym", True) else "torch")
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -167,10 +173,11 @@ def load_tokenizer(model_dir: str | Path):
 def load_model(model_dir: str | Path, dtype: str, device: torch.device, training: bool = False):
     """Load a float or int-quantized model dir with transformers, on `device`, in `dtype`.
 
-    Quantized dirs (GPTQ-format, written by GPTQModel) load through transformers + optimum with
-    GPTQModel's kernels; they compute with exactly their dequantized weights.
+    Quantized dirs (GPTQ or AWQ format, written by GPTQModel) load through transformers with
+    GPTQModel's kernels; they compute with exactly their dequantized weights. AWQ dirs always
+    load in a half-precision dtype (bf16 for a float32 request).
     """
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -183,8 +190,11 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
             torch._dynamo.config.disable = True
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
         qcfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
-        kernel = quantized_kernel(device, sym=qcfg.get("sym", True), training=training)
-        kwargs["quantization_config"] = GPTQConfig(bits=qcfg["bits"], backend=kernel)
+        kwargs["quantization_config"] = quantization_config(qcfg, device, training)
+        if qcfg.get("quant_method") == "awq" and kwargs["dtype"] == torch.float32:
+            # GPTQModel's AWQ kernels compute in half precision (float32 inputs silently in fp16,
+            # which overflows on outlier activations): use bf16, the dtype AWQ quantized in.
+            kwargs["dtype"] = torch.bfloat16
         kwargs["device_map"] = {"": str(device)}
     with warnings.catch_warnings():  # passing a config only to pick the kernel is intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
@@ -193,5 +203,5 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
 
 
 def dir_size(path: str | Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
-    """Bytes of the weight files under `path`."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.suffix in suffixes)
+    """Bytes of the weight files in `path` (top level only: subdirs hold records such as AWQ's scales)."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.suffix in suffixes)

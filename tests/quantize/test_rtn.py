@@ -31,7 +31,7 @@ def test_checkpoint_is_packed_gptq_format(rtn_dir, tiny_dir):
     assert (config["quant_method"], config["bits"], config["group_size"], config["sym"]) == ("gptq", 4, 32, False)
     tensors = load_file(str(rtn_dir / "model.safetensors"))
     qweight = tensors["model.layers.0.mlp.down_proj.qweight"]
-    assert qweight.dtype == torch.int32 and qweight.shape == (128 * 4 // 32, 64)  # 8 codes per int32
+    assert qweight.dtype == torch.int32 and qweight.shape == (256 * 4 // 32, 128)  # 8 codes per int32
     assert "model.layers.0.mlp.down_proj.weight" not in tensors
 
 
@@ -73,5 +73,5 @@ def test_eight_bit_is_closer_than_four_bit(tmp_path, tiny_dir, rtn_dir):
 
 
 def test_group_size_must_divide_every_input_width(tmp_path, tiny_dir):
-    with pytest.raises(UserError, match=r"algo.group_size=128 does not divide the input width 64"):
-        RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=128)).quantize(tiny_dir, None, tmp_path / "x", "float32")
+    with pytest.raises(UserError, match=r"algo.group_size=256 does not divide the input width 128"):
+        RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=256)).quantize(tiny_dir, None, tmp_path / "x", "float32")

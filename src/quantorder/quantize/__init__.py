@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from quantorder.config import AlgoCfg
+from quantorder.quantize.awq import AWQQuantizer
 from quantorder.quantize.base import Quantizer
 from quantorder.quantize.gptq import GPTQQuantizer
 from quantorder.quantize.rtn import RTNQuantizer
 
-ALGORITHMS: dict[str, type[Quantizer]] = {q.name: q for q in (RTNQuantizer, GPTQQuantizer)}
+ALGORITHMS: dict[str, type[Quantizer]] = {q.name: q for q in (RTNQuantizer, GPTQQuantizer, AWQQuantizer)}
 
 
 def algo_config_class(name: object, problems: list[str]) -> type[AlgoCfg] | None:

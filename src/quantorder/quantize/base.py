@@ -62,6 +62,15 @@ class GPTQModelQuantizer(Quantizer):
     def backend_config(self) -> Any:
         """The GPTQModel quantization config for `self.cfg`."""
 
+    def compute_dtype(self, dtype: str) -> str:
+        """The dtype the model is loaded in for quantizing, given the model config's dtype."""
+        return dtype
+
+    def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
+        """Quantize the loaded GPTQModel model in place; return extra records (files go in `out_dir`)."""
+        model.quantize(calibration)
+        return {}
+
     def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
         model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
@@ -75,8 +84,14 @@ class GPTQModelQuantizer(Quantizer):
         ):
             from gptqmodel import GPTQModel
 
+            dtype = self.compute_dtype(dtype)
             model = GPTQModel.load(str(model_dir), self.backend_config(), dtype=getattr(torch, dtype))
             self.check(model.model)
-            model.quantize(calibration)
+            extra = self.run(model, calibration, out_dir)
             model.save(str(out_dir))
-        return {"backend": self.backend, "backend_version": importlib.metadata.version("gptqmodel")}
+        return {
+            "backend": self.backend,
+            "backend_version": importlib.metadata.version("gptqmodel"),
+            "dtype": dtype,
+            **extra,
+        }
