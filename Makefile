@@ -28,4 +28,4 @@ test: install
 	pytest
 
 lint: install
-	ruff check src stages tests benchmarks
+	ruff check src stages tests benchmarks scripts

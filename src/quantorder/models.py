@@ -149,16 +149,19 @@ def quantization_config(qcfg: dict, device: torch.device, training: bool):
     """The transformers config that loads an int-packed checkpoint (GPTQ or AWQ format) with the
     right GPTQModel kernel.
 
-    Marlin (fast, CUDA, inference only; symmetric only for GPTQ) where it applies; otherwise
-    GPTQModel's pure-torch kernels, which run on CPU and CUDA, handle zero points and train. On
-    CUDA, GPTQModel's own default (Machete) JIT-builds from downloaded sources and fails offline.
+    CUDA: Marlin for inference (GPTQ's only where symmetric), else GPTQModel's Triton kernel for
+    GPTQ and its torch kernel for AWQ (whose Triton kernel is fp16-only); all train. CPU: the torch
+    kernels. GPTQModel's own CUDA default (Machete) JIT-builds from downloaded sources and fails
+    offline, so the choice is always explicit.
     """
     from transformers import AwqConfig, GPTQConfig
 
     marlin = device.type == "cuda" and not training
     if qcfg.get("quant_method") == "awq":
         return AwqConfig(bits=qcfg["bits"], backend="marlin" if marlin else "torch_awq")
-    return GPTQConfig(bits=qcfg["bits"], backend="marlin" if marlin and qcfg.get("sym", True) else "torch")
+    if marlin and qcfg.get("sym", True):
+        return GPTQConfig(bits=qcfg["bits"], backend="marlin")
+    return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" else "torch")
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -1,0 +1,98 @@
+"""Fill a folder with the Python 3.12 wheels an offline CUDA host needs to run quantorder, at the
+exact versions installed in this environment (the ones the tests ran with).
+
+The host is assumed to have torch with CUDA, numpy and the packages in HOST_HAS already; every
+other package that quantorder's runtime needs (transformers, peft, GPTQModel, dvc, hydra, ...) is
+downloaded as a cp312 manylinux wheel, or built into a wheel here where only an sdist exists.
+Compiled sdist-only packages (pypcre) travel as sdists and build on the host.
+
+Usage (with the project's venv):
+    python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow]
+On the host:
+    pip install --no-deps --no-index --target /tmp/site .gpu-wheels/*.whl
+    pip install --no-deps --no-build-isolation --target /tmp/site .gpu-wheels/*.tar.gz
+    export PYTHONPATH=/tmp/site:$PWD/src
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOTS = [
+    "transformers", "peft", "optimum", "accelerate", "gguf", "safetensors", "tokenizers", "dvc", "hydra-core",
+    "gptqmodel", "threadpoolctl", "device-smi", "pypcre", "tokenicer", "logbar", "defuser", "dill", "filelock",
+    "pytest",  # to run the GPU tests (pytest -m gpu) on the host
+]  # fmt: skip
+# Present on a CUDA PyTorch image (and large): never carried.
+HOST_HAS = {"torch", "triton", "numpy", "setuptools", "pip", "wheel", "sympy", "mpmath", "networkx", "jinja2"}
+HOST_HAS_PREFIXES = ("nvidia-", "cuda-")
+NOT_NEEDED = {"datasets"}  # hub datasets only; the embedded default builds its data locally
+LEAVES = {"gptqmodel"}  # installed without its metadata's requirements (see Makefile); ROOTS lists its needs
+COMPILED_SDISTS = {"pypcre"}  # no manylinux wheel: built on the host
+PLATFORM = [
+    "--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
+    "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+    "--platform", "manylinux_2_28_x86_64", "--platform", "any",
+]  # fmt: skip
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure(roots: list[str]) -> dict[str, str]:
+    """name -> installed version for `roots` and everything they require (no extras)."""
+    found: dict[str, str] = {}
+    stack = list(roots)
+    while stack:
+        name = normalize(stack.pop())
+        if name in found or name in HOST_HAS | NOT_NEEDED or name.startswith(HOST_HAS_PREFIXES):
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # an optional or platform-specific requirement not installed here
+        found[name] = dist.version
+        for req in [] if name in LEAVES else dist.requires or []:
+            if "extra ==" not in req:
+                stack.append(re.match(r"[A-Za-z0-9_.\-]+", req).group(0))
+    return found
+
+
+def pip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--no-deps"], capture_output=True, text=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--with-mlflow", action="store_true", help="also carry mlflow (large); else disable tracking")
+    args = parser.parse_args()
+    args.dest.mkdir(parents=True, exist_ok=True)
+    wanted = closure(ROOTS + (["mlflow"] if args.with_mlflow else []))
+    with tempfile.TemporaryDirectory() as sdists:
+        for name, version in sorted(wanted.items()):
+            spec = f"{name}=={version}"
+            if name in COMPILED_SDISTS:
+                done = pip("download", f"--no-binary={name}", "-d", str(args.dest), spec)
+            else:
+                done = pip("download", *PLATFORM, "-d", str(args.dest), spec)
+                if done.returncode:  # pure-Python sdist only: build the wheel here
+                    done = pip("download", f"--no-binary={name}", "-d", sdists, spec)
+            if done.returncode:
+                sys.exit(f"error: could not fetch {spec}: {done.stderr.strip().splitlines()[-1]}")
+        built = list(Path(sdists).iterdir())
+        if built and pip("wheel", "-w", str(args.dest), *map(str, built)).returncode:
+            sys.exit(f"error: could not build wheels from {[p.name for p in built]}")
+    size = sum(p.stat().st_size for p in args.dest.iterdir())
+    print(f"{len(wanted)} packages, {size / 2**20:.1f} MiB in {args.dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""On a CUDA GPU: GPTQ and AWQ quantize there, load with the int4 kernels a GPU host serves with
+(Marlin for inference, Triton / torch for training), agree with the same checkpoint evaluated on
+the CPU, and train LoRA. Skipped without a GPU (CI has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantorder.calibration import draw_windows
+from quantorder.config import CalibCfg
+from quantorder.data import pydoc_prose
+from quantorder.models import load_model, load_tokenizer
+from quantorder.quantize.awq import AWQCfg, AWQQuantizer
+from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+QUANTIZERS = {
+    "gptq-sym": GPTQQuantizer(GPTQCfg(name="gptq", group_size=32, sym=True)),
+    "gptq": GPTQQuantizer(GPTQCfg(name="gptq", group_size=32)),
+    "awq": AWQQuantizer(AWQCfg(name="awq", group_size=32)),
+}
+KERNELS = {"gptq-sym": "MarlinLinear", "gptq": "TritonV2Linear", "awq": "AwqMarlinLinear"}
+
+
+@pytest.fixture(scope="module", params=list(QUANTIZERS))
+def gpu_quantized(request, tmp_path_factory, tiny_dir):
+    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=16, seq_len=64)
+    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:50_000], cfg)
+    calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
+    out = tmp_path_factory.mktemp(request.param)
+    QUANTIZERS[request.param].quantize(tiny_dir, calibration, out, "bfloat16")
+    return request.param, out
+
+
+def test_gpu_kernels_match_cpu_evaluation_of_the_same_checkpoint(gpu_quantized):
+    name, model_dir = gpu_quantized
+    x = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    gpu = load_model(model_dir, "bfloat16", CUDA)
+    assert type(gpu.model.layers[0].self_attn.q_proj).__name__ == KERNELS[name]
+    with torch.no_grad():
+        on_gpu = gpu(input_ids=x.to(CUDA)).logits.float().cpu()
+        on_cpu = load_model(model_dir, "bfloat16", CPU)(input_ids=x).logits.float()
+    rel = (torch.linalg.norm(on_gpu - on_cpu) / torch.linalg.norm(on_cpu)).item()
+    assert rel < 2e-2, rel  # bf16 activations, different kernels: same function
+
+
+def test_lora_trains_on_the_gpu_quantized_base(gpu_quantized, qa_rows, tmp_path):
+    from quantorder.config import FinetuneCfg
+    from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
+
+    from .conftest import TEMPLATE
+
+    _, model_dir = gpu_quantized
+    cfg = FinetuneCfg(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=20, warmup_steps=1, max_seq_len=64, log_every=10)
+    tok = load_tokenizer(model_dir)
+    train = setup_data(tok, qa_rows[:8], TEMPLATE, cfg.max_seq_len)
+    model = setup_model(load_model(model_dir, "bfloat16", CUDA, training=True), cfg, seed=0)
+    before = mean_loss(model, train, tok.pad_token_id, 4, CUDA)
+    result = train_loop(model, train, train, cfg, tok.pad_token_id, 0, tmp_path / "log.jsonl")
+    assert result.val_loss < before - 0.5
