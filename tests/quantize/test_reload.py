@@ -1,0 +1,34 @@
+"""Every algorithm's checkpoint gives the same logits through transformers (how every stage loads
+it) as through GPTQModel's own loader. (GPTQModel's in-memory model right after quantizing offloads
+its layers to disk and is not a forward-ready reference.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantorder.calibration import draw_windows
+from quantorder.config import CalibCfg
+from quantorder.data import pydoc_prose
+from quantorder.models import load_model, load_tokenizer
+from quantorder.quantize import ALGORITHMS
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_transformers_and_gptqmodel_load_the_same_model(algo, tiny_dir, tmp_path):
+    from gptqmodel import BACKEND, GPTQModel
+
+    quantizer = ALGORITHMS[algo](ALGORITHMS[algo].config_class(name=algo, group_size=32))
+    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=8, seq_len=64)
+    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:50_000], cfg)
+    calibration = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
+    quantizer.quantize(tiny_dir, calibration if quantizer.requires_calibration else None, tmp_path, "float32")
+    x = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    backend = BACKEND.AWQ_TORCH if algo == "awq" else BACKEND.GPTQ_TORCH
+    with torch.no_grad():
+        ours = load_model(tmp_path, "bfloat16", CPU)(input_ids=x).logits.float()  # GPTQModel's loader: half only
+        theirs = GPTQModel.load(str(tmp_path), device="cpu", backend=backend, dtype=torch.bfloat16).model(input_ids=x)
+    assert ours.abs().max() > 0.1
+    assert torch.allclose(ours, theirs.logits.float(), atol=1e-2, rtol=1e-2), (ours - theirs.logits).abs().max()
