@@ -34,13 +34,30 @@ def tiny_dir(tmp_path_factory, qa_rows) -> Path:
     return out
 
 
+def calibration_samples(model_dir: Path, n_samples: int, chars: int = 50_000) -> list[dict[str, torch.Tensor]]:
+    """`n_samples` windows of 64 tokens of pydoc prose, as the quantizers take them."""
+    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=n_samples, seq_len=64)
+    windows = draw_windows(load_tokenizer(model_dir), pydoc_prose()[:chars], cfg)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
+
+
+def layer_inputs(model: torch.nn.Module, calibration: list[dict], name: str) -> torch.Tensor:
+    """The inputs (tokens x features, float64) that layer `name` of `model` sees on the calibration samples."""
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        for sample in calibration:
+            model(input_ids=sample["input_ids"][None])
+    handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+
+
 @pytest.fixture(scope="session")
 def awq_dir(tmp_path_factory, tiny_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_awq")
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=16, seq_len=64)
-    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:50_000], cfg)
-    calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
-    AWQQuantizer(AWQCfg(name="awq", bits=4, group_size=32)).quantize(tiny_dir, calibration, out, "float32")
+    AWQQuantizer(AWQCfg(name="awq", bits=4, group_size=32)).quantize(
+        tiny_dir, calibration_samples(tiny_dir, 16), out, "float32"
+    )
     return out
 
 

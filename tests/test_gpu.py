@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg
-from quantorder.data import pydoc_prose
 from quantorder.models import load_model, load_tokenizer
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer
 from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
+
+from .conftest import TEMPLATE, calibration_samples
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,11 +28,8 @@ KERNELS = {"gptq-sym": "MarlinLinear", "gptq": "TritonV2Linear", "awq": "AwqMarl
 
 @pytest.fixture(scope="module", params=list(QUANTIZERS))
 def gpu_quantized(request, tmp_path_factory, tiny_dir):
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=16, seq_len=64)
-    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:50_000], cfg)
-    calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
     out = tmp_path_factory.mktemp(request.param)
-    QUANTIZERS[request.param].quantize(tiny_dir, calibration, out, "bfloat16")
+    QUANTIZERS[request.param].quantize(tiny_dir, calibration_samples(tiny_dir, 16), out, "bfloat16")
     return request.param, out
 
 
@@ -52,8 +48,6 @@ def test_gpu_kernels_match_cpu_evaluation_of_the_same_checkpoint(gpu_quantized):
 def test_lora_trains_on_the_gpu_quantized_base(gpu_quantized, qa_rows, tmp_path):
     from quantorder.config import FinetuneCfg
     from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
-
-    from .conftest import TEMPLATE
 
     _, model_dir = gpu_quantized
     cfg = FinetuneCfg(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=20, warmup_steps=1, max_seq_len=64, log_every=10)

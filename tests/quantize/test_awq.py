@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg, TinyArchCfg
-from quantorder.data import pydoc_prose
+from quantorder.config import TinyArchCfg
 from quantorder.errors import UserError
 from quantorder.merge import dequantize, linear_weight
 from quantorder.models import load_model, load_tokenizer, tiny_llama
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer, load_scales
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+
+from ..conftest import calibration_samples, layer_inputs
 
 CPU = torch.device("cpu")
 OUTLIERS = [3, 40, 77, 101]  # input channels whose RMSNorm gain is 20x: the activation outliers of real LLMs
@@ -38,9 +38,7 @@ def outlier_dir(tmp_path_factory, tiny_dir):
 
 @pytest.fixture(scope="module")
 def calibration(outlier_dir):
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=32, seq_len=64)
-    windows = draw_windows(load_tokenizer(outlier_dir), pydoc_prose()[:100_000], cfg)
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
+    return calibration_samples(outlier_dir, 32, chars=100_000)
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +51,13 @@ def quantized(tmp_path_factory, outlier_dir, calibration):
     return awq_dir, rtn_dir, record
 
 
-def _inputs(model, calibration, name) -> torch.Tensor:
-    """The inputs that layer `name` sees on the calibration samples (float model)."""
-    seen = []
-    handle = dict(model.named_modules())[name].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-    with torch.no_grad():
-        for sample in calibration:
-            model(input_ids=sample["input_ids"][None])
-    handle.remove()
-    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
-
-
 def test_awq_beats_rtn_on_activation_weighted_error(outlier_dir, calibration, quantized):
     awq_dir, rtn_dir, _ = quantized
     float_model = load_model(outlier_dir, "float32", CPU)
     modules = {d: dict(load_model(d, "float32", CPU).named_modules()) for d in (awq_dir, rtn_dir)}
     scale_of = {layer: s for layers, s in load_scales(awq_dir).values() for layer in layers}
     for name in LAYERS:
-        x, w = _inputs(float_model, calibration, name), dict(float_model.named_modules())[name].weight.double()
+        x, w = layer_inputs(float_model, calibration, name), dict(float_model.named_modules())[name].weight.double()
         # AWQ stores Q(W diag(s)) and divides the previous norm by s: its weight seen from x is Q(W s) / s
         w_awq = linear_weight(modules[awq_dir][name]).double() / scale_of[name].double()
         w_rtn = linear_weight(modules[rtn_dir][name]).double()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg
-from quantorder.data import pydoc_prose
-from quantorder.models import load_model, load_tokenizer
+from quantorder.models import load_model
 from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+
+from ..conftest import calibration_samples, layer_inputs
 
 CPU = torch.device("cpu")
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
@@ -18,20 +17,7 @@ LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", 
 
 @pytest.fixture(scope="module")
 def calibration(tiny_dir):
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=32, seq_len=64)
-    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:100_000], cfg)
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
-
-
-def _inputs(model, calibration, name) -> torch.Tensor:
-    """The inputs that layer `name` sees on the calibration samples (float model)."""
-    seen = []
-    handle = dict(model.named_modules())[name].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-    with torch.no_grad():
-        for sample in calibration:
-            model(input_ids=sample["input_ids"][None])
-    handle.remove()
-    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+    return calibration_samples(tiny_dir, 32, chars=100_000)
 
 
 def _weights(model_dir, name) -> torch.Tensor:
@@ -45,7 +31,7 @@ def test_gptq_beats_rtn_on_output_error_and_stays_on_the_grid(tmp_path, tiny_dir
     RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=32)).quantize(tiny_dir, None, rtn_dir, "float32")
     float_model = load_model(tiny_dir, "float32", CPU)
     for name in LAYERS:
-        x, w = _inputs(float_model, calibration, name), _weights(tiny_dir, name)
+        x, w = layer_inputs(float_model, calibration, name), _weights(tiny_dir, name)
         err = {d.name: torch.linalg.norm(x @ (w - _weights(d, name)).T).item() for d in (gptq_dir, rtn_dir)}
         assert err["gptq"] < 0.9 * err["rtn"], (name, err)
     layer = dict(load_model(gptq_dir, "float32", CPU).named_modules())[LAYERS[0]]

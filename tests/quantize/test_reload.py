@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg
-from quantorder.data import pydoc_prose
-from quantorder.models import load_model, load_tokenizer
+from quantorder.models import load_model
 from quantorder.quantize import ALGORITHMS
+
+from ..conftest import calibration_samples
 
 CPU = torch.device("cpu")
 
@@ -21,9 +20,7 @@ def test_transformers_and_gptqmodel_load_the_same_model(algo, tiny_dir, tmp_path
     from gptqmodel import BACKEND, GPTQModel
 
     quantizer = ALGORITHMS[algo](ALGORITHMS[algo].config_class(name=algo, group_size=32))
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=8, seq_len=64)
-    windows = draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:50_000], cfg)
-    calibration = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
+    calibration = calibration_samples(tiny_dir, 8)
     quantizer.quantize(tiny_dir, calibration if quantizer.requires_calibration else None, tmp_path, "float32")
     x = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     backend = BACKEND.AWQ_TORCH if algo == "awq" else BACKEND.GPTQ_TORCH

@@ -102,12 +102,12 @@ class AWQQuantizer(GPTQModelQuantizer):
     config_class = AWQCfg
     requires_calibration = True
 
-    def check(self, model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
-        super().check(model, skip)
+    def check(self, model: torch.nn.Module) -> None:
+        super().check(model)
         if not self.cfg.clip:
             return
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith(skip) and module.out_features % CLIP_ROWS:
+        for name, module in self.quantized_linears(model):
+            if module.out_features % CLIP_ROWS:
                 raise UserError(
                     f"algo.clip=true needs output widths divisible by {CLIP_ROWS}, but {name} has "
                     f"{module.out_features}; set algo.clip=false for this model"

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,13 +36,20 @@ class Quantizer(ABC):
     def __init__(self, cfg: AlgoCfg) -> None:
         self.cfg = cfg
 
-    def check(self, model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    @staticmethod
+    def quantized_linears(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> Iterator[tuple[str, Any]]:
+        """(name, layer) of the nn.Linear layers the backends quantize (all but the output head)."""
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith(skip):
+                yield name, module
+
+    def check(self, model: torch.nn.Module) -> None:
         """Raise a UserError if `group_size` does not divide the input width of a linear layer."""
         g = self.cfg.group_size
         if g == -1:
             return
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith(skip) and module.in_features % g:
+        for name, module in self.quantized_linears(model):
+            if module.in_features % g:
                 raise UserError(
                     f"algo.group_size={g} does not divide the input width {module.in_features} of {name}; "
                     f"use a group size that divides every input width (or -1)"
