@@ -145,6 +145,11 @@ def is_quantized(model_dir: str | Path) -> bool:
     return "quantization_config" in config
 
 
+def set_gptqmodel_workers() -> None:
+    """Give GPTQModel its CPU worker count (it refuses to start with fewer cores than it asks for)."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+
 def quantization_config(qcfg: dict, device: torch.device, training: bool):
     """The transformers config that loads an int-packed checkpoint (GPTQ or AWQ format) with the
     right GPTQModel kernel.
@@ -191,7 +196,7 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
             # GPTQModel's CPU kernel wraps dequantization in torch.compile, which recompiles for
             # every new input shape (stalls of 30 s and more); eager mode is faster here.
             torch._dynamo.config.disable = True
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+        set_gptqmodel_workers()
         qcfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
         kwargs["quantization_config"] = quantization_config(qcfg, device, training)
         if qcfg.get("quant_method") == "awq" and kwargs["dtype"] == torch.float32:

@@ -106,6 +106,18 @@ def test_clip_search_needs_output_widths_divisible_by_64(tmp_path, tiny_dir, cal
     tok.save_pretrained(narrow)
     with pytest.raises(UserError, match=r"algo.clip=true needs output widths divisible by 64, but .*k_proj has 32"):
         AWQQuantizer(AWQCfg(name="awq", group_size=32)).quantize(narrow, calibration, tmp_path / "q", "float32")
+    # the switch reaches GPTQModel: without the clip search (which asserts on these widths) it quantizes
+    AWQQuantizer(AWQCfg(name="awq", group_size=32, clip=False)).quantize(narrow, calibration, tmp_path / "q", "float32")
+    assert (tmp_path / "q" / "awq" / "scales.safetensors").is_file()
+
+
+def test_duo_scaling_switch_changes_the_searched_scales(tmp_path, outlier_dir, calibration, quantized):
+    AWQQuantizer(AWQCfg(name="awq", group_size=32, duo_scaling=False)).quantize(
+        outlier_dir, calibration, tmp_path, "float32"
+    )
+    duo, activation_only = load_scales(quantized[0]), load_scales(tmp_path)
+    assert duo.keys() == activation_only.keys()
+    assert any(not torch.allclose(duo[k][1], activation_only[k][1]) for k in duo)
 
 
 def test_awq_packs_four_bits_only():

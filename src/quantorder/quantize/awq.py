@@ -76,16 +76,18 @@ def awq_search(duo_scaling: bool, clip: bool) -> Iterator[list[tuple[str, tuple[
         AWQProcessor.__init__, AWQProcessor._search_best_scale = init, search
 
 
-def save_scales(searched: list[tuple[str, tuple[str, ...], torch.Tensor, float]], path: Path) -> dict:
-    """Write the searched scales (one tensor per previous op, the scaled layers in the metadata)."""
+def save_scales(searched: list[tuple[str, tuple[str, ...], torch.Tensor, float]], model_dir: Path) -> dict:
+    """Write the searched scales into `model_dir` (one tensor per previous op, the scaled layers in
+    the metadata); return a summary for the provenance record."""
     from safetensors.torch import save_file
 
+    path = model_dir / SCALES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {prev: scales.contiguous() for prev, _, scales, _ in searched}
     groups = {prev: {"layers": list(layers), "loss": loss} for prev, layers, _, loss in searched}
     save_file(tensors, str(path), metadata={"groups": json.dumps(groups)})
     spread = [(s.max() / s.min()).item() for s in tensors.values()]
-    return {"file": str(path.relative_to(path.parent.parent)), "groups": len(tensors), "max_spread": max(spread)}
+    return {"file": str(SCALES_FILE), "groups": len(tensors), "max_spread": max(spread)}
 
 
 def load_scales(model_dir: Path) -> dict[str, tuple[list[str], torch.Tensor]]:
@@ -127,4 +129,4 @@ class AWQQuantizer(GPTQModelQuantizer):
     def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
         with awq_search(self.cfg.duo_scaling, self.cfg.clip) as searched:
             model.quantize(calibration)
-        return {"searched_scales": save_scales(searched, out_dir / SCALES_FILE)}
+        return {"searched_scales": save_scales(searched, out_dir)}

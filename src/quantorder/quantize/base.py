@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import torch
 from quantorder.config import AlgoCfg
 from quantorder.errors import UserError
 from quantorder.io import captured_output
+from quantorder.models import set_gptqmodel_workers
 
 BACKEND_LOG = "backend.log"
 
@@ -80,7 +80,7 @@ class GPTQModelQuantizer(Quantizer):
         return {}
 
     def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+        set_gptqmodel_workers()
         model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
         # GPTQModel logs every layer with progress bars; keep its log beside the weights instead
