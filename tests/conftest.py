@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from quantorder.calibration import draw_windows
 from quantorder.config import CalibCfg, TinyArchCfg
-from quantorder.data import pydoc_prose, render, stdlib_qa_rows
+from quantorder.data import package_prose, package_qa_rows, render
 from quantorder.models import load_tokenizer, tiny_llama, tiny_tokenizer
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
@@ -18,11 +19,23 @@ from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 TEMPLATE = "### Language: {programming_language}\n### Question: {prompt}\n### Answer: {response}"
 ROOT = Path(__file__).resolve().parents[1]
+SYMPY = ("sympy", "1.14.0")  # the embedded default's data source (conf/data/sympy-qa.yaml)
+
+
+def sympy_calib(**kw) -> CalibCfg:
+    """A calibration config over the embedded default's prose."""
+    return CalibCfg(name="docs", source="package", package=SYMPY[0], package_version=SYMPY[1], **kw)
+
+
+@cache
+def prose() -> str:
+    """The embedded default's calibration text (SymPy's module and class docstrings)."""
+    return package_prose(*SYMPY)
 
 
 @pytest.fixture(scope="session")
 def qa_rows() -> list[dict]:
-    return stdlib_qa_rows(max_answer_chars=600)[:200]
+    return package_qa_rows(*SYMPY, max_answer_chars=600)[:200]
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +48,8 @@ def tiny_dir(tmp_path_factory, qa_rows) -> Path:
 
 
 def calibration_samples(model_dir: Path, n_samples: int, chars: int = 50_000) -> list[dict[str, torch.Tensor]]:
-    """`n_samples` windows of 64 tokens of pydoc prose, as the quantizers take them."""
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=n_samples, seq_len=64)
-    windows = draw_windows(load_tokenizer(model_dir), pydoc_prose()[:chars], cfg)
+    """`n_samples` windows of 64 tokens of SymPy's prose, as the quantizers take them."""
+    windows = draw_windows(load_tokenizer(model_dir), prose()[:chars], sympy_calib(n_samples=n_samples, seq_len=64))
     return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in windows]
 
 

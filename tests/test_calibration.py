@@ -6,21 +6,20 @@ import pytest
 import torch
 
 from quantorder.calibration import draw_windows, load_calibration, save_calibration
-from quantorder.config import CalibCfg
-from quantorder.data import pydoc_prose
 from quantorder.errors import UserError
 from quantorder.models import load_tokenizer
+
+from .conftest import prose
+from .conftest import sympy_calib as _cfg
 
 
 def test_windows_are_seeded_disjoint_slices_of_the_text(tiny_dir, tmp_path):
     tok = load_tokenizer(tiny_dir)
-    text = pydoc_prose()[:50_000]
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=16, seq_len=64, seed=0)
+    text = prose()[:50_000]
+    cfg = _cfg(n_samples=16, seq_len=64, seed=0)
     a, b = draw_windows(tok, text, cfg), draw_windows(tok, text, cfg)
     assert a.shape == (16, 64) and torch.equal(a, b)
-    assert not torch.equal(
-        a, draw_windows(tok, text, CalibCfg(name="pydoc", source="pydoc", n_samples=16, seq_len=64, seed=1))
-    )
+    assert not torch.equal(a, draw_windows(tok, text, _cfg(n_samples=16, seq_len=64, seed=1)))
     ids = tok(text, add_special_tokens=False)["input_ids"]
     starts = {tuple(ids[i : i + 64]) for i in range(0, len(ids) - 63, 64)}
     assert all(tuple(row.tolist()) in starts for row in a)  # whole, aligned, non-overlapping windows
@@ -30,6 +29,6 @@ def test_windows_are_seeded_disjoint_slices_of_the_text(tiny_dir, tmp_path):
 
 
 def test_asking_for_more_windows_than_the_text_holds_fails_clearly(tiny_dir):
-    cfg = CalibCfg(name="pydoc", source="pydoc", n_samples=1000, seq_len=256)
-    with pytest.raises(UserError, match=r"calib.n_samples=1000: the 'pydoc' text holds only \d+ windows"):
-        draw_windows(load_tokenizer(tiny_dir), pydoc_prose()[:20_000], cfg)
+    cfg = _cfg(n_samples=1000, seq_len=256)
+    with pytest.raises(UserError, match=r"calib.n_samples=1000: the 'docs' text holds only \d+ windows"):
+        draw_windows(load_tokenizer(tiny_dir), prose()[:20_000], cfg)

@@ -77,19 +77,21 @@ class DataCfg:
     """Fine-tune / evaluation data: where rows come from, how they are split and rendered."""
 
     name: str
-    source: Literal["stdlib", "hub", "jsonl"]
+    source: Literal["package", "hub", "jsonl"]
     template: str  # Python format string over the row's columns
+    package: str | None = None  # source=package: an installed Python package whose source becomes Q&A
+    package_version: str | None = None  # ... pinned, so every machine builds the same rows
     hub_id: str | None = None
     hub_config: str | None = None
     train_split: str | None = None  # hub split expressions, e.g. "train[:4096]"
     val_split: str | None = None
     test_split: str | None = None
     path: str | None = None  # source=jsonl: one JSON object per line
-    n_train: int = 1000  # stdlib/jsonl: rows per split after a seeded shuffle
+    n_train: int = 1000  # package/jsonl: rows per split after a seeded shuffle
     n_val: int = 100
     n_test: int = 150
     split_seed: int = 0  # fixed apart from `seed`, so seed sweeps reuse the same data
-    max_answer_chars: int = 1200  # stdlib: skip functions whose body is longer
+    max_answer_chars: int = 1200  # package: skip functions whose body is longer
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -98,6 +100,12 @@ class DataCfg:
             require(p, not missing, f"data.source=hub needs data.{', data.'.join(missing)}")
         if self.source == "jsonl":
             require(p, bool(self.path), "data.source=jsonl needs data.path")
+        if self.source == "package":
+            require(
+                p,
+                bool(self.package and self.package_version),
+                "data.source=package needs data.package and data.package_version",
+            )
         for k in ("n_train", "n_val", "n_test", "max_answer_chars"):
             require(p, getattr(self, k) > 0, f"data.{k}={getattr(self, k)}: must be > 0")
         raise_problems(p)
@@ -108,7 +116,9 @@ class CalibCfg:
     """Calibration text shared by every quantize stage."""
 
     name: str
-    source: Literal["pydoc", "hub"]  # pydoc: the interpreter's own documentation topics (English prose)
+    source: Literal["package", "hub"]  # package: module and class docstrings of a pinned package
+    package: str | None = None
+    package_version: str | None = None
     n_samples: int = 128
     seq_len: int = 256
     seed: int = 0
@@ -123,6 +133,12 @@ class CalibCfg:
         require(p, self.seq_len >= 8, f"calib.seq_len={self.seq_len}: must be >= 8")
         if self.source == "hub":
             require(p, bool(self.hub_id), "calib.source=hub needs calib.hub_id")
+        if self.source == "package":
+            require(
+                p,
+                bool(self.package and self.package_version),
+                "calib.source=package needs calib.package and calib.package_version",
+            )
         raise_problems(p)
 
 

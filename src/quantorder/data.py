@@ -1,15 +1,14 @@
-"""Fine-tune/evaluation rows (stdlib code Q&A, hub datasets, local JSONL) and calibration text."""
+"""Fine-tune/evaluation rows (code Q&A from a pinned package, hub datasets, local JSONL) and calibration text."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import inspect
 import json
-import platform
 import random
 import string
-import sysconfig
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,32 @@ from quantorder.errors import UserError
 
 SPLITS = ("train", "val", "test")
 ANSWER_MARKER = "### Answer:"
-# Directories of the standard library that hold tests, demos or vendored code, not library functions.
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+# Directories that hold tests or benchmarks, not library functions.
+_SKIP_DIRS = {"test", "tests", "testing", "benchmarks", "__pycache__"}
+
+
+def package_modules(package: str, version: str, key: str) -> Iterator[tuple[str, ast.Module, list[str]]]:
+    """(module name, syntax tree, source lines) of each library file of an installed package, sorted by path.
+
+    The package must be installed at exactly `version`, so that every machine builds the same text.
+
+    Raises:
+        UserError: the package is missing or at another version (`key` names the config section).
+    """
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise UserError(f"{key}.package={package!r} is not installed; pip install {package}=={version}") from e
+    if dist.version != version:
+        raise UserError(
+            f"{key}.package_version={version}: installed {package} is {dist.version}; pip install {package}=={version}"
+        )
+    for rel in sorted(f for f in dist.files or [] if f.suffix == ".py"):
+        if _SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        source = Path(dist.locate_file(rel)).read_text(encoding="utf-8")
+        module = ".".join(Path(rel).with_suffix("").parts).removesuffix(".__init__")
+        yield module, ast.parse(source), source.splitlines(keepends=True)
 
 
 def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
@@ -42,25 +65,14 @@ def _answer_source(source_lines: list[str], fn: ast.FunctionDef | ast.AsyncFunct
     return textwrap.dedent("".join(lines)).rstrip()
 
 
-def stdlib_qa_rows(max_answer_chars: int) -> list[dict[str, str]]:
-    """Code Q&A rows from the running interpreter's standard library.
+def package_qa_rows(package: str, version: str, max_answer_chars: int) -> list[dict[str, str]]:
+    """Code Q&A rows from a pinned Python package's source.
 
-    Question: the function's signature and docstring. Answer: its source without the docstring.
+    Question: a public function's signature and docstring. Answer: its source without the docstring.
     Rows come out in a fixed order (sorted files, source order); duplicates are dropped.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
     rows, seen = [], set()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _SKIP_DIRS.intersection(rel.parts[:-1]):
-            continue
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (UnicodeDecodeError, SyntaxError):
-            continue
-        lines = source.splitlines(keepends=True)
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+    for module, tree, lines in package_modules(package, version, "data"):
         for qualname, fn in _functions(tree):
             doc = ast.get_docstring(fn)
             if not doc or len(doc) < 40 or len(fn.body) < 2:
@@ -137,9 +149,9 @@ def build_splits(cfg: DataCfg) -> tuple[dict[str, list[dict]], dict]:
         splits = _hub_splits(cfg)
         source = {"kind": "hub", "hub_id": cfg.hub_id, "config": cfg.hub_config}
     else:
-        if cfg.source == "stdlib":
-            rows = stdlib_qa_rows(cfg.max_answer_chars)
-            source = {"kind": "stdlib", "python": platform.python_version(), "stdlib": sysconfig.get_paths()["stdlib"]}
+        if cfg.source == "package":
+            rows = package_qa_rows(cfg.package, cfg.package_version, cfg.max_answer_chars)
+            source = {"kind": "package", "package": cfg.package, "version": cfg.package_version}
         else:
             rows = read_jsonl(cfg.path)
             source = {"kind": "jsonl", "path": str(cfg.path)}
@@ -181,20 +193,22 @@ def write_splits(out_dir: Path, splits: dict[str, list[dict]], source: dict, cfg
     return manifest
 
 
-def pydoc_prose() -> str:
-    """The interpreter's documentation topics (`pydoc_data.topics`): English prose on every machine.
+def package_prose(package: str, version: str) -> str:
+    """Module and class docstrings of a pinned package, in a fixed order: mostly English prose.
 
-    Disjoint from the fine-tune rows, which come from function docstrings and source code.
+    Disjoint from the package's Q&A rows, which quote function docstrings and source code only.
     """
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    docs = []
+    for _, tree, _ in package_modules(package, version, "calib"):
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]
+        docs += [doc for node in nodes if (doc := ast.get_docstring(node))]
+    return "\n\n".join(docs)
 
 
 def calibration_text(cfg: CalibCfg) -> str:
     """All text the calibration windows are drawn from."""
-    if cfg.source == "pydoc":
-        return pydoc_prose()
+    if cfg.source == "package":
+        return package_prose(cfg.package, cfg.package_version)
     import datasets
 
     ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.split)
