@@ -12,13 +12,14 @@ import torch
 from quantorder.calibration import draw_windows
 from quantorder.config import CalibCfg, TinyArchCfg
 from quantorder.data import package_prose, package_qa_rows, render
-from quantorder.models import load_tokenizer, tiny_llama, tiny_tokenizer
+from quantorder.models import load_model, load_tokenizer, tiny_llama, tiny_tokenizer
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 TEMPLATE = "### Language: {programming_language}\n### Question: {prompt}\n### Answer: {response}"
 ROOT = Path(__file__).resolve().parents[1]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYMPY = ("sympy", "1.14.0")  # the embedded default's data source (conf/data/sympy-qa.yaml)
 
 
@@ -62,6 +63,18 @@ def layer_inputs(model: torch.nn.Module, calibration: list[dict], name: str) -> 
             model(input_ids=sample["input_ids"][None])
     handle.remove()
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, tiny_dir) -> Path:
+    """A LoRA adapter on every linear layer of the tiny model, with random (non-zero) B matrices."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_dir, "float32", torch.device("cpu"))
+    out = tmp_path_factory.mktemp("adapter")
+    get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights=False)).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantorder.merge import merge_adapter
 from quantorder.models import load_model, load_tokenizer
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer
 from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
@@ -57,3 +58,14 @@ def test_lora_trains_on_the_gpu_quantized_base(gpu_quantized, qa_rows, tmp_path)
     before = mean_loss(model, train, tok.pad_token_id, 4, CUDA)
     result = train_loop(model, train, train, cfg, tok.pad_token_id, 0, tmp_path / "log.jsonl")
     assert result.val_loss < before - 0.5
+
+
+def test_merging_on_the_gpu_equals_merging_on_the_cpu(gpu_quantized, adapter_dir):
+    """Dequantization reads the checkpoint's packed layout, whichever kernel a GPU would pick."""
+    _, model_dir = gpu_quantized
+    on_gpu = merge_adapter(model_dir, adapter_dir, "bfloat16", CUDA).state_dict()
+    on_cpu = merge_adapter(model_dir, adapter_dir, "bfloat16", CPU).state_dict()
+    assert on_gpu.keys() == on_cpu.keys()
+    for key, expected in on_cpu.items():
+        got = on_gpu[key].float().cpu()
+        assert torch.linalg.norm(got - expected.float()) <= 1e-2 * torch.linalg.norm(expected.float()), key

@@ -11,19 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from quantorder.merge import merge_adapter
 from quantorder.models import load_model
 
+from .conftest import LORA_TARGETS
+
 CPU = torch.device("cpu")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, tiny_dir):
-    torch.manual_seed(0)
-    peft_model = get_peft_model(
-        load_model(tiny_dir, "float32", CPU), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
-    )
-    out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("base", ["tiny_dir", "rtn_dir", "awq_dir"])
@@ -60,7 +50,7 @@ def test_update_survival_tells_kept_from_rounded_away(tmp_path, tiny_dir, rtn_di
 
     torch.manual_seed(0)
     model = load_model(rtn_dir, "float32", CPU)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights=False))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

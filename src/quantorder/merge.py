@@ -77,7 +77,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, device: torch.d
     """Load base (dequantizing it if int-packed), apply the adapter, merge: a plain float model."""
     from peft import PeftModel
 
-    model = load_model(base_dir, dtype, device)
+    # The trainable kernels keep the checkpoint's packed layout, which dequantization reads (Marlin repacks it).
+    model = load_model(base_dir, dtype, device, training=True)
     if is_quantized(base_dir):
         model = dequantize(model, getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
