@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,14 +26,7 @@ from quantorder.io import read_json, write_json, write_text
 from quantorder.layout import BASE_DIR, QA_DIR, VARIANTS
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resolve_device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
+from quantorder.provenance import device_name
 
 
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int) -> float:

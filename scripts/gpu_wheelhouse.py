@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 ROOTS = [
@@ -66,6 +67,14 @@ def closure(roots: list[str]) -> dict[str, str]:
     return found
 
 
+def gpu_extra() -> dict[str, str]:
+    """name -> pinned version of the project's `gpu` extra (CUDA-only, so not installed here; no
+    requirements of their own beyond torch and triton, which the host has)."""
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pins = [req.split("==") for req in extra["project"]["optional-dependencies"]["gpu"]]
+    return {normalize(name): version for name, version in pins}
+
+
 def pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--no-deps"], capture_output=True, text=True)
 
@@ -77,6 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
     wanted = closure(ROOTS + (["mlflow"] if args.with_mlflow else []))
+    wanted.update(gpu_extra())
     with tempfile.TemporaryDirectory() as sdists:
         for name, version in sorted(wanted.items()):
             spec = f"{name}=={version}"

@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg, TinyArchCfg
+from quantorder.config import CalibCfg
 from quantorder.data import package_prose, package_qa_rows, render
-from quantorder.models import load_model, load_tokenizer, tiny_llama, tiny_tokenizer
+from quantorder.models import load_model, load_tokenizer, random_model, train_tokenizer
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 TEMPLATE = "### Language: {programming_language}\n### Question: {prompt}\n### Answer: {response}"
 ROOT = Path(__file__).resolve().parents[1]
+TINY_ARCH = yaml.safe_load((ROOT / "conf/model/tiny.yaml").read_text())["architecture"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYMPY = ("sympy", "1.14.0")  # the embedded default's data source (conf/data/sympy-qa.yaml)
 
@@ -42,8 +44,8 @@ def qa_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, qa_rows) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer([render(TEMPLATE, r) for r in qa_rows], vocab_size=512)
-    tiny_llama(TinyArchCfg(), tok, seed=0, dtype=torch.float32).save_pretrained(out)
+    tok = train_tokenizer([render(TEMPLATE, r) for r in qa_rows], vocab_size=TINY_ARCH["vocab_size"])
+    random_model(TINY_ARCH, tok, seed=0, dtype=torch.float32, device=torch.device("cpu")).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

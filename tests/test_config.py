@@ -51,7 +51,8 @@ def test_every_group_choice_composes_and_validates(tmp_path, group, choice):
 def test_every_experiment_preset_composes_and_validates(tmp_path, preset):
     params = _compose(tmp_path, f"+experiment={preset}")
     if preset.startswith("olive"):
-        assert params["finetune"]["batch_size"] == 16 and params["finetune"]["max_steps"] == 100
+        effective_batch = params["finetune"]["batch_size"] * params["finetune"]["grad_accum"]
+        assert effective_batch == 16 and params["finetune"]["max_steps"] == 100
         assert params["finetune"]["max_seq_len"] == 1024 and params["model"]["dtype"] == "bfloat16"
         assert params["data"]["name"] == "tiny-codes" and params["calib"]["name"] == "wikitext2"
         assert params["calib"]["n_samples"] == 128
@@ -107,6 +108,9 @@ def _mutated(default_params: dict, path: str, value) -> dict:
         ("eval.answer_only", "yes", r"eval.answer_only='yes': expected bool"),
         ("model.dtype", "int8", r"model.dtype='int8': allowed: bfloat16, float16, float32"),
         ("model.source", "hub", r"model.source=hub needs model.hub_id"),
+        ("model.source", "random", r"model.source=random needs model.architecture with a model_type"),
+        ("model.architecture", [4096], r"model.architecture=\[4096\]: expected dict"),
+        ("data.package_version", None, r"data.source=package needs data.package and data.package_version"),
         ("data.source", "jsonl", r"data.source=jsonl needs data.path"),
         ("data.n_test", 0, r"data.n_test=0: must be > 0"),
         ("calib.n_samples", -3, r"calib.n_samples=-3: must be > 0"),
@@ -135,3 +139,16 @@ def test_load_config_reads_the_committed_params():
 def test_missing_params_file_says_how_to_make_it(tmp_path):
     with pytest.raises(ConfigError, match="quantorder compose"):
         load_config(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("model,billions", [("llama-3.1-8b", 8.030), ("phi-3.5-mini", 3.821)])
+def test_hub_models_architectures_have_the_hub_checkpoints_sizes(tmp_path, model, billions):
+    """`model.source=random` on a hub model's config builds a model of that checkpoint's shape."""
+    import torch
+
+    from quantorder.models import random_model, train_tokenizer
+
+    cfg = parse_config(_compose(tmp_path, f"model={model}", "model.source=random"))
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 4, 1000)
+    meta = random_model(cfg.model.architecture, tok, seed=0, dtype=torch.bfloat16, device=torch.device("meta"))
+    assert round(sum(p.numel() for p in meta.parameters()) / 1e9, 3) == billions

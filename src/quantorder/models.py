@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from quantorder.config import ModelCfg, TinyArchCfg
+from quantorder.config import ModelCfg
 from quantorder.errors import UserError
 from quantorder.provenance import hash_file
 
@@ -75,8 +75,9 @@ def _from_hub(cfg: ModelCfg, dtype: torch.dtype):
     return model, tok, {"kind": "hub", "hub_id": cfg.hub_id, "revision": cfg.revision}
 
 
-def tiny_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts)."""
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts); at most
+    `vocab_size` tokens, fewer where the texts hold fewer merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -93,37 +94,35 @@ def tiny_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_llama(arch: TinyArchCfg, tokenizer, seed: int, dtype: torch.dtype):
-    """A random-init Llama of the given shape, seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model(architecture: dict, tokenizer, seed: int, dtype: torch.dtype, device: torch.device):
+    """A model of `architecture` (a transformers config: `model_type` and its fields) with seeded
+    random weights, built directly on `device` (an 8B model initializes in seconds on a GPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    fields = dict(architecture)
+    vocab = fields.setdefault("vocab_size", len(tokenizer))
+    if vocab < len(tokenizer):
+        raise UserError(f"model.architecture.vocab_size={vocab}: smaller than its tokenizer ({len(tokenizer)} tokens)")
+    specials = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    config = AutoConfig.for_model(**{**fields, **specials})
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
 
 
-def _tiny(cfg: ModelCfg, dtype: torch.dtype, texts: list[str]):
-    tok = tiny_tokenizer(texts, cfg.tiny.vocab_size)
-    model = tiny_llama(cfg.tiny, tok, seed=0, dtype=dtype)
-    return model, tok, {"kind": "tiny", "arch": cfg.tiny.__dict__, "init_seed": 0}
+def _random(cfg: ModelCfg, dtype: torch.dtype, texts: list[str]):
+    arch = cfg.architecture
+    tok = train_tokenizer(texts, arch.get("vocab_size", 32000))
+    device = resolve_device(cfg.device)
+    model = random_model(arch, tok, seed=0, dtype=dtype, device=device)
+    return model, tok, {"kind": "random", "architecture": arch, "init_seed": 0, "init_device": device.type}
 
 
 def materialize_base(cfg: ModelCfg, out_dir: Path, tokenizer_texts: list[str]) -> dict:
     """Write the base model (float safetensors + tokenizer) into `out_dir`; return its source record.
 
-    `tokenizer_texts` trains the tokenizer of a tiny model and is ignored otherwise.
+    `tokenizer_texts` trains the tokenizer of a random-init model and is ignored otherwise.
     """
     dtype = torch_dtype(cfg.dtype)
     if cfg.source == "package":
@@ -131,7 +130,7 @@ def materialize_base(cfg: ModelCfg, out_dir: Path, tokenizer_texts: list[str]) -
     elif cfg.source == "hub":
         model, tok, source = _from_hub(cfg, dtype)
     else:
-        model, tok, source = _tiny(cfg, dtype, tokenizer_texts)
+        model, tok, source = _random(cfg, dtype, tokenizer_texts)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.save_pretrained(out_dir)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
 
-LIBRARIES = ("torch", "transformers", "peft", "gptqmodel", "optimum", "datasets", "dvc", "mlflow", "hydra-core")
+import torch
+
+LIBRARIES = (
+    "torch", "transformers", "peft", "gptqmodel", "optimum", "liger-kernel", "sympy", "datasets", "dvc", "mlflow",
+    "hydra-core",
+)  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:
@@ -20,6 +26,15 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:

@@ -8,14 +8,13 @@ import json
 import pytest
 import torch
 
-from quantorder.config import TinyArchCfg
 from quantorder.errors import UserError
 from quantorder.merge import dequantize, linear_weight
-from quantorder.models import load_model, load_tokenizer, tiny_llama
+from quantorder.models import load_model, load_tokenizer, random_model
 from quantorder.quantize.awq import AWQCfg, AWQQuantizer, load_scales
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 
-from ..conftest import calibration_samples, layer_inputs
+from ..conftest import TINY_ARCH, calibration_samples, layer_inputs
 
 CPU = torch.device("cpu")
 OUTLIERS = [3, 40, 77, 101]  # input channels whose RMSNorm gain is 20x: the activation outliers of real LLMs
@@ -100,9 +99,8 @@ def test_reload_gives_same_logits_as_dequantized_float_model(quantized):
 def test_clip_search_needs_output_widths_divisible_by_64(tmp_path, tiny_dir, calibration):
     narrow = tmp_path / "narrow"
     tok = load_tokenizer(tiny_dir)
-    tiny_llama(TinyArchCfg(hidden_size=64, intermediate_size=128), tok, seed=0, dtype=torch.float32).save_pretrained(
-        narrow
-    )
+    arch = {**TINY_ARCH, "hidden_size": 64, "intermediate_size": 128}
+    random_model(arch, tok, seed=0, dtype=torch.float32, device=torch.device("cpu")).save_pretrained(narrow)
     tok.save_pretrained(narrow)
     with pytest.raises(UserError, match=r"algo.clip=true needs output widths divisible by 64, but .*k_proj has 32"):
         AWQQuantizer(AWQCfg(name="awq", group_size=32)).quantize(narrow, calibration, tmp_path / "q", "float32")
