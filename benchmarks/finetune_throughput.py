@@ -26,17 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from common import conf, model_with_tokenizer, qa_rows
 
 from quantorder.config import FinetuneCfg
-from quantorder.data import package_qa_rows, render
+from quantorder.data import render
 from quantorder.finetune import batch_order, setup_model, train_loop
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
-from quantorder.models import random_model, resolve_device, train_tokenizer
+from quantorder.models import resolve_device
 from quantorder.provenance import device_name, library_versions
 from quantorder.tokens import Example
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDY_BATCH = 16
 SKIP_STEPS = 2  # warm-up (kernel compilation, allocator growth) left out of the throughput
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -44,11 +43,10 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16 tensor
 
 def windows(tokenizer, n: int, seq_len: int) -> list[Example]:
     """`n` windows of `seq_len` tokens cut from the concatenated Q&A text (cycled if short)."""
-    data = yaml.safe_load((ROOT / "conf/data/sympy-qa.yaml").read_text())
-    rows = package_qa_rows(data["package"], data["package_version"], data["max_answer_chars"])
+    template = conf("data", "sympy-qa")["template"]
     ids: list[int] = []
-    for row in rows:
-        ids += tokenizer(render(data["template"], row) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    for row in qa_rows():
+        ids += tokenizer(render(template, row) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         if len(ids) >= n * seq_len:
             break
     ids = (ids * (n * seq_len // len(ids) + 1))[: n * seq_len]
@@ -135,18 +133,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and a .md beside it)")
     args = parser.parse_args()
 
-    arch = yaml.safe_load((ROOT / f"conf/model/{args.model}.yaml").read_text())["architecture"]
-    preset = yaml.safe_load((ROOT / f"conf/finetune/{args.finetune}.yaml").read_text())
+    preset = conf("finetune", args.finetune)
     preset.update(max_steps=args.steps, max_seq_len=args.seq_len, log_every=1)
     preset.update(warmup_steps=min(preset["warmup_steps"], args.steps), grad_accum=STUDY_BATCH // preset["batch_size"])
     cfg = FinetuneCfg(**preset)
     micro_batches = cfg.grad_accum
     device = resolve_device("auto")
-    dtype = torch.bfloat16
-    tokenizer = train_tokenizer(
-        [render("{prompt}\n{response}", r) for r in package_qa_rows("sympy", "1.14.0", 1200)[:2000]],
-        min(arch["vocab_size"], 32000),
-    )
+    _, tokenizer, arch = model_with_tokenizer(args.model, torch.device("meta"))
     pool = windows(tokenizer, STUDY_BATCH * args.steps, args.seq_len)
     # quantorder's loop draws micro-batches in its seeded order; the baseline gets the same examples in that order
     order = batch_order(len(pool), cfg.batch_size, args.seed, args.steps * micro_batches)
@@ -154,7 +147,7 @@ def main() -> None:
 
     results = {}
     for name in ("baseline", "quantorder"):
-        model = random_model(arch, tokenizer, seed=args.seed, dtype=dtype, device=device)
+        model, _, _ = model_with_tokenizer(args.model, device, args.seed)
         if name == "baseline":
             run = run_baseline(model, in_order, cfg, args.steps, args.seed)
         else:

@@ -20,3 +20,13 @@ def test_finetune_throughput_benchmark_compares_the_same_training(tmp_path):
     assert result["max_loss_gap"] < 1e-3 and base["losses"][0] > 5.0
     assert base["tokens_per_s"] > 0 and ours["tokens_per_s"] > 0 and result["speedup"] > 0
     assert result["flops_per_token"] > 4 * 100_000  # 4 x the tiny model's linear weights, at least
+
+
+def test_eval_throughput_benchmark_matches_the_naive_loop(tmp_path):
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/eval_throughput.py"), "--model", "tiny", "--n", "12"]
+    subprocess.run([*cmd, "--seq-len", "48", "--batch-size", "4", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["rows"] == 12 and result["tokens"] > 12 * 10
+    assert result["ppl_rel_diff"] < 1e-4 and result["naive"]["ppl"] > 1.0
+    assert result["speedup"] > 0 and result["quantorder"]["tokens_per_s"] > 0
