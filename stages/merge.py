@@ -9,6 +9,7 @@ from quantorder.cli import run_stage, stage_target
 from quantorder.config import load_config
 from quantorder.io import atomic_dir, read_json, write_json
 from quantorder.layout import ADAPTERS_DIR, FINETUNE_BASES, MERGED_DIR
+from quantorder.memory import process_peak_memory
 from quantorder.merge import merge_adapter
 from quantorder.models import PROVENANCE_FILE, is_quantized, resolve_device
 from quantorder.provenance import hash_dir, library_versions
@@ -33,6 +34,7 @@ def main() -> None:
                 "base_sha256": read_json(base / PROVENANCE_FILE)["sha256"],
                 "adapter": str(adapter),
                 "dequantized_base": is_quantized(base),
+                "peak_memory": process_peak_memory(),
                 "sha256": hash_dir(tmp),
                 "versions": library_versions(),
             },

@@ -12,6 +12,7 @@ from quantorder.cli import print_config, run_stage, stage_target
 from quantorder.config import as_dict, load_config
 from quantorder.io import atomic_dir, read_json, write_json
 from quantorder.layout import CALIB_DIR, MERGE_REFERENCES, QUANTIZE_SOURCES, QUANTIZED_DIR
+from quantorder.memory import process_peak_memory
 from quantorder.merge import update_survival
 from quantorder.models import PROVENANCE_FILE, dir_size
 from quantorder.provenance import hash_dir, library_versions
@@ -41,6 +42,7 @@ def main() -> None:
                 "sha256": hash_dir(tmp),
                 "seconds": round(seconds, 2),
                 "update_survival": survival,
+                "peak_memory": process_peak_memory(),
                 "versions": library_versions(),
             },
         )

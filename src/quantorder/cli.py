@@ -24,7 +24,16 @@ def run_stage(main: Callable[[], None]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"[{Path(sys.argv[0]).stem}] done in {time.perf_counter() - start:.1f}s", flush=True)
+    seconds = time.perf_counter() - start
+    from quantorder.memory import process_peak_memory  # torch: loaded by every stage already
+
+    peak = process_peak_memory()
+    gpu = f"GPU {peak['gpu_bytes'] / 2**30:.2f} GiB, " if peak["gpu_bytes"] is not None else ""
+    print(
+        f"[{Path(sys.argv[0]).stem}] done in {seconds:.1f}s, "
+        f"peak memory {gpu}RSS {peak['rss_bytes'] / 2**30:.2f} GiB",
+        flush=True,
+    )
 
 
 def stage_target(kind: str, allowed: Iterable[str]) -> str:

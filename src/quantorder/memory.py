@@ -17,3 +17,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def process_peak_memory() -> dict[str, int | None]:
+    """This process's peaks so far: GPU allocator bytes (largest over devices, None without CUDA
+    use) and resident set bytes."""
+    gpu = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return {"gpu_bytes": gpu, "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
