@@ -95,7 +95,8 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
     for made_dir in ("quantized/base_q", "merged/ft"):  # the stages that hold whole models record their peak
         peak = json.loads((project / "models" / made_dir / "quantorder.json").read_text())["peak_memory"]
-        assert peak["rss_bytes"] > 50 * 2**20 and (peak["gpu_bytes"] or 1) > 0, made_dir
+        assert peak["rss_bytes"] > 50 * 2**20, made_dir
+        assert peak["gpu_bytes"] is None or peak["gpu_bytes"] > 0, made_dir
     assert "peak memory RSS" in first
     base_ppl = metrics["base"]["ppl"]
 
