@@ -30,3 +30,15 @@ def test_eval_throughput_benchmark_matches_the_naive_loop(tmp_path):
     assert result["rows"] == 12 and result["tokens"] > 12 * 10
     assert result["ppl_rel_diff"] < 1e-4 and result["naive"]["ppl"] > 1.0
     assert result["speedup"] > 0 and result["quantorder"]["tokens_per_s"] > 0
+
+
+def test_quantize_overhead_benchmark_times_both_runs(tmp_path):
+    out = tmp_path / "quantize.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/quantize_overhead.py"), "--model", "tiny", "--algo", "gptq"]
+    args = ["--n-samples", "8", "--seq-len", "32", "--work", str(tmp_path), "--out", str(out)]
+    subprocess.run([*cmd, *args], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["algo"]["name"] == "gptq" and result["calibration"] == {"n_samples": 8, "seq_len": 32}
+    assert result["seconds"]["quantorder"] > 0 and result["seconds"]["minimal"] > 0
+    ratio = result["seconds"]["quantorder"] / result["seconds"]["minimal"]
+    assert abs(result["overhead"] - (ratio - 1)) < 0.05  # seconds are rounded to 10 ms

@@ -1,0 +1,102 @@
+"""Quantization wall time: quantorder's quantizer against the backend's own minimal script
+(`GPTQModel.load(...).quantize(samples)` then `save`) on the same model, samples and settings,
+measured in the same run. quantorder runs first, so it pays the process's one-time costs (CUDA
+context, kernel compilation) that follow the backend's import.
+
+The model has random weights in a configured architecture, saved once as a bf16 checkpoint; the
+calibration windows are drawn from the embedded SymPy prose as the `calibrate` stage draws them.
+
+    python benchmarks/quantize_overhead.py --model llama-3.1-8b --algo gptq --work /scratch \\
+        --out benchmarks/results/quantize-gptq-llama-3.1-8b-h100.json
+    python benchmarks/quantize_overhead.py --model tiny --algo gptq --n-samples 8 --seq-len 32   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import conf, model_with_tokenizer
+
+from quantorder.calibration import draw_windows
+from quantorder.config import CalibCfg, as_dict, build, raise_problems
+from quantorder.data import package_prose
+from quantorder.models import resolve_device, set_gptqmodel_workers
+from quantorder.provenance import device_name, library_versions
+from quantorder.quantize import algo_config_class, get_quantizer
+
+
+def timed(fn) -> float:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-3.1-8b", help="a conf/model/ choice with an architecture")
+    parser.add_argument("--algo", default="gptq", choices=["gptq", "awq"])
+    parser.add_argument("--n-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--work", type=Path, help="folder for the model and outputs (default: a temp dir)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    problems: list[str] = []
+    algo = build(algo_config_class(args.algo, problems), conf("algo", args.algo), "algo", problems)
+    raise_problems(problems)
+    quantizer = get_quantizer(algo)
+    calib = conf("calib", "sympy-docs")
+    calib_cfg = CalibCfg(**{**calib, "n_samples": args.n_samples, "seq_len": args.seq_len})
+    device = resolve_device("auto")
+    set_gptqmodel_workers()
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        work = Path(work)
+        model, tokenizer, _ = model_with_tokenizer(args.model, device)
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        del model
+        windows = draw_windows(tokenizer, package_prose(calib["package"], calib["package_version"]), calib_cfg)
+        samples = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
+
+        def ours():
+            quantizer.quantize(work / "model", samples, work / "ours", "bfloat16")
+
+        def minimal():
+            from gptqmodel import GPTQModel
+
+            loaded = GPTQModel.load(str(work / "model"), quantizer.backend_config(), dtype=torch.bfloat16)
+            loaded.quantize(samples)
+            loaded.save(str(work / "minimal"))
+
+        import gptqmodel  # noqa: F401  (imported once, before either run is timed)
+
+        seconds = {"quantorder": timed(ours), "minimal": timed(minimal)}
+    result = {
+        "device": device_name(device),
+        "model_shape": args.model,
+        "algo": as_dict(algo),
+        "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "overhead": round(seconds["quantorder"] / seconds["minimal"] - 1, 4),
+        "versions": library_versions(),
+    }
+    print(json.dumps({k: result[k] for k in ("device", "seconds", "overhead")}))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
