@@ -30,8 +30,7 @@ def run_stage(main: Callable[[], None]) -> None:
     peak = process_peak_memory()
     gpu = f"GPU {peak['gpu_bytes'] / 2**30:.2f} GiB, " if peak["gpu_bytes"] is not None else ""
     print(
-        f"[{Path(sys.argv[0]).stem}] done in {seconds:.1f}s, "
-        f"peak memory {gpu}RSS {peak['rss_bytes'] / 2**30:.2f} GiB",
+        f"[{Path(sys.argv[0]).stem}] done in {seconds:.1f}s, peak memory {gpu}RSS {peak['rss_bytes'] / 2**30:.2f} GiB",
         flush=True,
     )
 

@@ -28,7 +28,8 @@ def package_modules(package: str, version: str, key: str) -> Iterator[tuple[str,
     The package must be installed at exactly `version`, so that every machine builds the same text.
 
     Raises:
-        UserError: the package is missing or at another version (`key` names the config section).
+        UserError: the package is missing, at another version, or has a file this Python cannot
+            parse (`key` names the config section).
     """
     try:
         dist = importlib.metadata.distribution(package)
@@ -42,8 +43,12 @@ def package_modules(package: str, version: str, key: str) -> Iterator[tuple[str,
         if _SKIP_DIRS.intersection(rel.parts[:-1]):
             continue
         source = Path(dist.locate_file(rel)).read_text(encoding="utf-8")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError as e:  # skipping it would make the rows depend on the Python version
+            raise UserError(f"{key}.package={package!r}: {rel} does not parse on this Python ({e.msg})") from e
         module = ".".join(Path(rel).with_suffix("").parts).removesuffix(".__init__")
-        yield module, ast.parse(source), source.splitlines(keepends=True)
+        yield module, tree, source.splitlines(keepends=True)
 
 
 def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
