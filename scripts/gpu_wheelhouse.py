@@ -32,7 +32,7 @@ ROOTS = [
     "pytest",  # to run the GPU tests (pytest -m gpu) on the host
 ]  # fmt: skip
 # Present on a CUDA PyTorch image (and large): never carried.
-HOST_HAS = {"torch", "triton", "numpy", "setuptools", "pip", "wheel", "mpmath", "networkx", "jinja2"}
+HOST_HAS = {"torch", "triton", "numpy", "setuptools", "pip", "wheel", "mpmath", "scipy", "networkx", "jinja2"}
 HOST_HAS_PREFIXES = ("nvidia-", "cuda-")
 NOT_NEEDED = {"datasets"}  # hub datasets only; the embedded default builds its data locally
 LEAVES = {"gptqmodel"}  # installed without its metadata's requirements (see Makefile); ROOTS lists its needs

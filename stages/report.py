@@ -10,14 +10,15 @@ from quantorder.cli import run_stage
 from quantorder.config import load_config
 from quantorder.io import write_json
 from quantorder.layout import EVAL_DIR, PLOTS_DIR, REPORTS_DIR, SUMMARY_FILE
-from quantorder.report import load_eval_metrics, markdown_table, summarize, write_reports
+from quantorder.report import gap_intervals, load_eval_metrics, markdown_table, summarize, write_reports
 
 
 def main() -> None:
     cfg = load_config()
     metrics = load_eval_metrics(EVAL_DIR)
     algo = cfg.algo
-    summary = summarize(metrics, f"{algo.name} {algo.bits}-bit g{algo.group_size}{' sym' if algo.sym else ''}")
+    label = f"{algo.name} {algo.bits}-bit g{algo.group_size}{' sym' if algo.sym else ''}"
+    summary = summarize(metrics, label, gap_intervals(EVAL_DIR))
     write_json(SUMMARY_FILE, summary)
     artifacts = write_reports(summary, PLOTS_DIR, REPORTS_DIR)
     print(markdown_table(summary))

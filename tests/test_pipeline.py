@@ -91,6 +91,7 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert set(summary["ppl"]) == set(VARIANTS) and summary["gap_to_ft"]["ft"] == 0
     assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q"}
+    assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}  # paired-bootstrap intervals
     assert metrics["q_ft_merge_q"]["update_survival"]["per_layer"]
     assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
     for made_dir in ("quantized/base_q", "merged/ft"):  # the stages that hold whole models record their peak

@@ -9,6 +9,7 @@ from pathlib import Path
 from quantorder.errors import UserError
 from quantorder.io import read_json, write_text
 from quantorder.layout import QUANTIZED_VARIANTS, VARIANTS
+from quantorder.stats import paired_gap_ci, read_samples
 
 REFERENCE_VARIANTS = ("base", "ft")
 
@@ -21,14 +22,23 @@ def load_eval_metrics(eval_dir: Path) -> dict[str, dict]:
     return {v: read_json(eval_dir / f"{v}.json") for v in VARIANTS}
 
 
-def summarize(metrics: dict[str, dict], algo_label: str) -> dict:
-    """Headline numbers per variant; the gap of each variant to `ft` is the number that matters."""
+def gap_intervals(eval_dir: Path) -> dict[str, dict]:
+    """For every variant but `ft`: its perplexity gap to `ft` with a paired-bootstrap 95% interval."""
+    ft = read_samples(eval_dir / "ft.samples.csv")
+    return {v: paired_gap_ci(ft, read_samples(eval_dir / f"{v}.samples.csv")) for v in VARIANTS if v != "ft"}
+
+
+def summarize(metrics: dict[str, dict], algo_label: str, intervals: dict[str, dict]) -> dict:
+    """Headline numbers per variant; the gap of each variant to `ft` is the number that matters,
+    with its 95% interval and whether that interval excludes zero (`intervals`, from gap_intervals)."""
     ft = metrics["ft"]["ppl"]
     return {
         "algo": algo_label,
         "ppl": {v: round(m["ppl"], 4) for v, m in metrics.items()},
         "gap_to_ft": {v: round(m["ppl"] - ft, 4) for v, m in metrics.items()},
         "gap_to_ft_pct": {v: round(100 * (m["ppl"] / ft - 1), 3) for v, m in metrics.items()},
+        "gap_to_ft_ci95_pct": {v: i["ci95_pct"] for v, i in intervals.items()},
+        "gap_to_ft_significant": {v: i["excludes_zero"] for v, i in intervals.items()},
         "size_mib": {v: round(m["size_bytes"] / 2**20, 3) for v, m in metrics.items()},
         "bits_per_param": {v: round(m["bits_per_param"], 3) for v, m in metrics.items()},
         "eval_tokens_per_s": {v: round(m["eval_tokens_per_s"], 1) for v, m in metrics.items()},
@@ -62,14 +72,25 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _interval(summary: dict, v: str) -> str:
+    if v not in summary["gap_to_ft_ci95_pct"]:
+        return "-"
+    low, high = summary["gap_to_ft_ci95_pct"][v]
+    return f"[{low:+.2f}%, {high:+.2f}%]" + ("" if summary["gap_to_ft_significant"][v] else " (n.s.)")
+
+
 def markdown_table(summary: dict) -> str:
-    header = "| variant | ppl | gap to ft | size (MiB) | bits/param | eval tok/s |\n|---|---:|---:|---:|---:|---:|\n"
+    header = (
+        "| variant | ppl | gap to ft | 95% CI of the gap | size (MiB) | bits/param | eval tok/s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
     body = "".join(
-        f"| `{v}` | {summary['ppl'][v]:.3f} | {summary['gap_to_ft_pct'][v]:+.2f}% | {summary['size_mib'][v]:.1f} | "
-        f"{summary['bits_per_param'][v]:.2f} | {summary['eval_tokens_per_s'][v]:.0f} |\n"
+        f"| `{v}` | {summary['ppl'][v]:.3f} | {summary['gap_to_ft_pct'][v]:+.2f}% | {_interval(summary, v)} | "
+        f"{summary['size_mib'][v]:.1f} | {summary['bits_per_param'][v]:.2f} | {summary['eval_tokens_per_s'][v]:.0f} |\n"
         for v in VARIANTS
     )
-    return f"Perplexity on the test split, {summary['algo']}.\n\n{header}{body}"
+    note = "Intervals: paired bootstrap over test examples; n.s.: the interval includes zero."
+    return f"Perplexity on the test split, {summary['algo']}.\n\n{header}{body}\n{note}\n"
 
 
 def chart(summary: dict, path: Path) -> None:

@@ -1,0 +1,53 @@
+"""Perplexity gaps get paired-bootstrap intervals that tell a real shift from noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantorder.errors import UserError
+from quantorder.layout import VARIANTS
+from quantorder.report import gap_intervals, markdown_table, summarize
+from quantorder.stats import paired_gap_ci, read_samples
+
+RNG = np.random.default_rng(0)
+TOKENS = RNG.integers(50, 200, 120).astype(float)
+FT = TOKENS * 2.0 + RNG.normal(0, 5, 120)  # about 2 nats per token
+
+
+def test_a_shift_of_every_example_is_significant_and_noise_is_not():
+    worse = paired_gap_ci((TOKENS, FT), (TOKENS, FT + 0.05 * TOKENS + RNG.normal(0, 2, 120)))
+    assert worse["excludes_zero"] and 4.0 < worse["gap_pct"] < 6.0  # exp(0.05) - 1 = 5.1%
+    low, high = worse["ci95_pct"]
+    assert low < worse["gap_pct"] < high and high - low < 2.0
+    jitter = RNG.normal(0, 2, 120)
+    noise = paired_gap_ci((TOKENS, FT), (TOKENS, FT + jitter - jitter.mean()))
+    assert not noise["excludes_zero"] and noise["ci95_pct"][0] < 0 < noise["ci95_pct"][1]
+
+
+def test_pairing_needs_the_same_examples():
+    with pytest.raises(UserError, match="same examples and token counts"):
+        paired_gap_ci((TOKENS, FT), (TOKENS + 1, FT))
+
+
+def test_report_carries_intervals_into_summary_and_table(tmp_path):
+    shift = {"base": 0.6, "base_q": 0.8, "ft": 0.0, "ft_q": 0.1, "ft_merge_q": 0.1, "q_ft": 0.0, "q_ft_merge_q": 0.5}
+    metrics = {}
+    for v in VARIANTS:
+        noise = RNG.normal(0, 2, 120) if v != "ft" else np.zeros(120)
+        nll = FT + shift[v] * TOKENS + noise - noise.mean()  # zero-mean noise: only the shift is real
+        rows = "".join(f"{int(t)},{x:.6f}\n" for t, x in zip(TOKENS, nll))
+        (tmp_path / f"{v}.samples.csv").write_text("tokens,nll\n" + rows)
+        ppl = float(np.exp(nll.sum() / TOKENS.sum()))
+        metrics[v] = {"ppl": ppl, "size_bytes": 1, "bits_per_param": 4.0, "eval_tokens_per_s": 1.0, "peak_mem_bytes": 1}
+    tokens, nll = read_samples(tmp_path / "q_ft.samples.csv")
+    assert tokens.shape == nll.shape == (120,)
+    summary = summarize(metrics, "rtn 4-bit g64", gap_intervals(tmp_path))
+    assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}
+    assert summary["gap_to_ft_significant"]["base_q"] and not summary["gap_to_ft_significant"]["q_ft"]
+    low, high = summary["gap_to_ft_ci95_pct"]["base_q"]
+    assert low < summary["gap_to_ft_pct"]["base_q"] < high
+    table = markdown_table(summary)
+    assert "| `q_ft` |" in table and "(n.s.)" in table.split("| `q_ft` |")[1].splitlines()[0]
+    with pytest.raises(UserError, match="missing"):
+        read_samples(tmp_path / "absent.samples.csv")
