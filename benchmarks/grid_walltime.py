@@ -23,7 +23,8 @@ from quantorder.layout import VARIANTS
 from quantorder.models import resolve_device
 from quantorder.provenance import device_name
 
-STAGE_LOG = re.compile(r"Running stage '([^']+)':.*?\[[\w@]+\] done in ([0-9.]+)s", re.S)
+# a stage's name, then its closing line's time (see quantorder.cli.run_stage)
+STAGE_LOG = re.compile(r"Running stage '([^']+)':.*?\| ([0-9.]+)s, peak memory", re.S)
 
 
 def dvc(*args: str) -> str:

@@ -12,14 +12,14 @@ from quantorder.layout import BASE_DIR, CALIB_DIR
 from quantorder.models import load_tokenizer
 
 
-def main() -> None:
+def main() -> str:
     cfg = load_config()
     print_config("calib", cfg.calib)
     text = calibration_text(cfg.calib)
     windows = draw_windows(load_tokenizer(BASE_DIR), text, cfg.calib)
     with atomic_dir(CALIB_DIR) as tmp:
         manifest = save_calibration(tmp, windows, text, cfg.calib)
-    print(
+    return (
         f"[calibrate] {manifest['n_samples']} x {manifest['seq_len']} tokens "
         f"(sha256 {manifest['sha256'][:12]}) -> {CALIB_DIR}"
     )

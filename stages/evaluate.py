@@ -14,7 +14,7 @@ from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resol
 from quantorder.provenance import git_commit, hash_dir, library_versions
 
 
-def main() -> None:
+def main() -> str:
     name = stage_target("variant", VARIANTS)
     cfg = load_config()
     variant = VARIANTS[name]
@@ -57,7 +57,7 @@ def main() -> None:
         EVAL_DIR / f"{name}.samples.csv", "tokens,nll\n" + "".join(f"{t},{nll:.6f}\n" for t, nll in result.per_example)
     )
     write_json(EVAL_DIR / f"{name}.json", metrics)
-    print(
+    return (
         f"[evaluate@{name}] ppl {result.ppl:.4f} over {result.n_tokens} tokens, "
         f"{metrics['size_bytes'] / 2**20:.1f} MiB, {result.tokens_per_s:.0f} tok/s, peak {peak / 2**30:.2f} GiB"
     )

@@ -15,7 +15,7 @@ from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resol
 from quantorder.provenance import library_versions
 
 
-def main() -> None:
+def main() -> str:
     name = stage_target("finetune target", FINETUNE_BASES)
     cfg = load_config()
     print_config("finetune", cfg.finetune)
@@ -41,7 +41,7 @@ def main() -> None:
                 "versions": library_versions(),
             },
         )
-    print(
+    return (
         f"[finetune@{name}] {result.steps} steps, loss {result.final_loss:.4f}, val loss {result.val_loss:.4f}, "
         f"{result.trainable_params / 1e6:.2f}M trainable, {result.tokens_per_s:.0f} tok/s, "
         f"peak {result.peak_mem_bytes / 2**30:.2f} GiB -> {out}"

@@ -17,7 +17,7 @@ from quantorder.provenance import hash_dir, library_versions
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def main() -> None:
+def main() -> str:
     name = stage_target("merge target", FINETUNE_BASES)
     cfg = load_config()
     base, adapter, out = FINETUNE_BASES[name], ADAPTERS_DIR / name, MERGED_DIR / name
@@ -39,7 +39,7 @@ def main() -> None:
                 "versions": library_versions(),
             },
         )
-    print(f"[merge@{name}] {base} + {adapter} -> {out}")
+    return f"[merge@{name}] {base} + {adapter} -> {out}"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from quantorder.models import PROVENANCE_FILE, materialize_base
 from quantorder.provenance import hash_dir, library_versions
 
 
-def main() -> None:
+def main() -> str:
     cfg = load_config()
     print_config("model", cfg.model)
     print_config("data", cfg.data)
@@ -31,7 +31,7 @@ def main() -> None:
                 "versions": library_versions(),
             },
         )
-    print(
+    return (
         f"[prepare] {manifest['rows']} rows (sha256 {manifest['sha256'][:12]}), "
         f"model {cfg.model.name}: {model_source['parameters'] / 1e6:.1f}M params -> {BASE_DIR}"
     )

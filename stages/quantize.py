@@ -19,7 +19,7 @@ from quantorder.provenance import hash_dir, library_versions
 from quantorder.quantize import get_quantizer
 
 
-def main() -> None:
+def main() -> str:
     name = stage_target("quantize target", QUANTIZE_SOURCES)
     cfg = load_config()
     print_config("algo", cfg.algo)
@@ -46,7 +46,7 @@ def main() -> None:
                 "versions": library_versions(),
             },
         )
-    print(
+    return (
         f"[quantize@{name}] {cfg.algo.name} {cfg.algo.bits}-bit g{cfg.algo.group_size}: "
         f"{dir_size(source) / 2**20:.1f} MiB -> {dir_size(out) / 2**20:.1f} MiB in {seconds:.1f}s -> {out}"
         + (f"; LoRA update kept: {survival['overall']['kept']:.1%}" if survival else "")

@@ -13,7 +13,7 @@ from quantorder.layout import EVAL_DIR, PLOTS_DIR, REPORTS_DIR, SUMMARY_FILE
 from quantorder.report import gap_intervals, load_eval_metrics, markdown_table, summarize, write_reports
 
 
-def main() -> None:
+def main() -> str:
     cfg = load_config()
     metrics = load_eval_metrics(EVAL_DIR)
     algo = cfg.algo
@@ -35,6 +35,11 @@ def main() -> None:
                 if run_id
                 else "[report] MLflow already has these results; not logged again"
             )
+    best = min((v for v in summary["gap_to_ft_pct"] if v not in ("base", "ft")), key=summary["gap_to_ft_pct"].get)
+    return (
+        f"[report] {label}: best quantized variant {best} ({summary['gap_to_ft_pct'][best]:+.2f}% vs ft) "
+        f"-> {SUMMARY_FILE}, {', '.join(str(a) for a in artifacts)}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import yaml
 from quantorder.errors import UserError
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): user errors become one `error:` line and exit code 2, no traceback."""
+def run_stage(main: Callable[[], str]) -> None:
+    """Run a stage's main() and print its closing line (what main() returns: what it wrote, key
+    numbers) with the stage's time and peak memory. User errors become one `error:` line and exit
+    code 2, no traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
     try:
-        main()
+        closing = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -29,10 +31,7 @@ def run_stage(main: Callable[[], None]) -> None:
 
     peak = process_peak_memory()
     gpu = f"GPU {peak['gpu_bytes'] / 2**30:.2f} GiB, " if peak["gpu_bytes"] is not None else ""
-    print(
-        f"[{Path(sys.argv[0]).stem}] done in {seconds:.1f}s, peak memory {gpu}RSS {peak['rss_bytes'] / 2**30:.2f} GiB",
-        flush=True,
-    )
+    print(f"{closing} | {seconds:.1f}s, peak memory {gpu}RSS {peak['rss_bytes'] / 2**30:.2f} GiB", flush=True)
 
 
 def stage_target(kind: str, allowed: Iterable[str]) -> str:
