@@ -3,6 +3,7 @@ architecture with a tokenizer trained on the embedded SymPy Q&A text."""
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from quantorder.data import package_qa_rows, render
+from quantorder.io import write_json
 from quantorder.models import random_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +35,20 @@ def qa_tokenizer(vocab_size: int):
     return train_tokenizer([render("{prompt}\n{response}", r) for r in qa_rows()[:2000]], vocab_size)
 
 
-def model_with_tokenizer(model: str, device: torch.device, seed: int = 0):
-    """Random bf16 weights in the architecture of conf/model/<model>.yaml, its architecture, and a
-    tokenizer (at most 32k tokens) trained on the Q&A text."""
+def architecture_and_tokenizer(model: str) -> tuple[dict, object]:
+    """The architecture of conf/model/<model>.yaml and a tokenizer (at most 32k tokens) for it."""
     arch = conf("model", model)["architecture"]
-    tokenizer = qa_tokenizer(min(arch["vocab_size"], 32000))
+    return arch, qa_tokenizer(min(arch["vocab_size"], 32000))
+
+
+def model_with_tokenizer(model: str, device: torch.device, seed: int = 0):
+    """Random bf16 weights in the architecture of conf/model/<model>.yaml, its tokenizer and architecture."""
+    arch, tokenizer = architecture_and_tokenizer(model)
     return random_model(arch, tokenizer, seed=seed, dtype=torch.bfloat16, device=device), tokenizer, arch
+
+
+def publish(result: dict, headline: tuple[str, ...], out: Path | None) -> None:
+    """Print the headline fields of a benchmark's result as one JSON line; write it all to `out`."""
+    print(json.dumps({k: result[k] for k in headline}))
+    if out:
+        write_json(out, result)

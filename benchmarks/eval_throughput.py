@@ -13,12 +13,11 @@ architecture (`--model`), or is a model dir a pipeline made (`--model-dir models
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from common import conf, model_with_tokenizer, qa_rows
+from common import conf, model_with_tokenizer, publish, qa_rows
 
 from quantorder.config import EvalCfg
 from quantorder.data import render
@@ -78,10 +77,7 @@ def main() -> None:
         "versions": library_versions(),
     }
     result["naive"]["tokens_per_s"] = round(result["tokens"] / naive_s, 1)
-    print(json.dumps({k: result[k] for k in ("device", "speedup", "ppl_rel_diff")}))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    publish(result, ("device", "speedup", "ppl_rel_diff"), args.out)
 
 
 if __name__ == "__main__":

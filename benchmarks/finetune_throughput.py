@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import conf, model_with_tokenizer, qa_rows
+from common import architecture_and_tokenizer, conf, model_with_tokenizer, publish, qa_rows
 
 from quantorder.config import FinetuneCfg
 from quantorder.data import render
@@ -139,7 +139,7 @@ def main() -> None:
     cfg = FinetuneCfg(**preset)
     micro_batches = cfg.grad_accum
     device = resolve_device("auto")
-    _, tokenizer, arch = model_with_tokenizer(args.model, torch.device("meta"))
+    arch, tokenizer = architecture_and_tokenizer(args.model)
     pool = windows(tokenizer, STUDY_BATCH * args.steps, args.seq_len)
     # quantorder's loop draws micro-batches in its seeded order; the baseline gets the same examples in that order
     order = batch_order(len(pool), cfg.batch_size, args.seed, args.steps * micro_batches)
@@ -186,10 +186,7 @@ def main() -> None:
         "runs": results,
         "versions": library_versions(),
     }
-    print(json.dumps({k: summary[k] for k in ("device", "speedup", "max_loss_gap")}))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    publish(summary, ("device", "speedup", "max_loss_gap"), args.out)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,17 @@ that only the first experiment ran (the float chain) counts with its duration th
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import time
 from pathlib import Path
 
+from common import publish
+
+from quantorder.cli import stage_times
 from quantorder.layout import VARIANTS
 from quantorder.models import resolve_device
 from quantorder.provenance import device_name
-
-# a stage's name, then its closing line's time (see quantorder.cli.run_stage)
-STAGE_LOG = re.compile(r"Running stage '([^']+)':.*?\| ([0-9.]+)s, peak memory", re.S)
 
 
 def dvc(*args: str) -> str:
@@ -55,7 +54,7 @@ def stage_seconds() -> dict[str, dict[str, float]]:
         if task[-1] != "Success":
             continue
         log = dvc("queue", "logs", task[1])
-        out.setdefault(_algo_of(log), {}).update({name: float(s) for name, s in STAGE_LOG.findall(log)})
+        out.setdefault(_algo_of(log), {}).update(stage_times(log))
     return out
 
 
@@ -103,10 +102,7 @@ def main() -> None:
         "stage_seconds": seconds,
     }
     headline = ("device", "algos", "grid_wall_s", "from_scratch_s", "ratio_wall", "ratio_stages")
-    print(json.dumps({k: result[k] for k in headline}))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    publish(result, headline, args.out)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import conf, model_with_tokenizer
+from common import conf, model_with_tokenizer, publish
 
 from quantorder.calibration import draw_windows
 from quantorder.config import CalibCfg, as_dict, build, raise_problems
@@ -92,10 +91,7 @@ def main() -> None:
         "overhead": round(seconds["quantorder"] / seconds["minimal"] - 1, 4),
         "versions": library_versions(),
     }
-    print(json.dumps({k: result[k] for k in ("device", "seconds", "overhead")}))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    publish(result, ("device", "seconds", "overhead"), args.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ stage but the report from the run-cache."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from quantorder.cli import stage_times
 from quantorder.layout import VARIANTS
 
 from .conftest import ROOT
@@ -100,11 +100,8 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
         assert peak["rss_bytes"] > 50 * 2**20, made_dir
         assert peak["gpu_bytes"] is None or peak["gpu_bytes"] > 0, made_dir
     assert "peak memory RSS" in first
-    spec = importlib.util.spec_from_file_location("grid_walltime", ROOT / "benchmarks/grid_walltime.py")
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
-    timed = dict(grid.STAGE_LOG.findall(first))  # every stage's closing line carries its time
-    assert set(timed) == FLOAT_CHAIN | QUANT_CHAIN | {"report"} and all(float(s) > 0 for s in timed.values())
+    timed = stage_times(first)  # every stage's closing line carries its time
+    assert set(timed) == FLOAT_CHAIN | QUANT_CHAIN | {"report"} and all(s > 0 for s in timed.values())
     base_ppl = metrics["base"]["ppl"]
 
     # the grid of the other algorithms, queued: each experiment runs only its quantization chain

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -13,6 +14,14 @@ from pathlib import Path
 import yaml
 
 from quantorder.errors import UserError
+
+# a stage's name as DVC announces it, then the time on the closing line run_stage prints for it
+_STAGE_TIME = re.compile(r"Running stage '([^']+)':.*?\| ([0-9.]+)s, peak memory", re.S)
+
+
+def stage_times(log: str) -> dict[str, float]:
+    """Seconds per stage that a `dvc repro` / `dvc exp run` log shows running."""
+    return {name: float(seconds) for name, seconds in _STAGE_TIME.findall(log)}
 
 
 def run_stage(main: Callable[[], str]) -> None:
