@@ -41,10 +41,15 @@ def architecture_and_tokenizer(model: str) -> tuple[dict, object]:
     return arch, qa_tokenizer(min(arch["vocab_size"], 32000))
 
 
-def model_with_tokenizer(model: str, device: torch.device, seed: int = 0):
-    """Random bf16 weights in the architecture of conf/model/<model>.yaml, its tokenizer and architecture."""
+def model_with_tokenizer(
+    model: str, device: torch.device, seed: int = 0, layers: int | None = None, dtype: torch.dtype = torch.bfloat16
+):
+    """Random weights in the architecture of conf/model/<model>.yaml (cut to its first `layers`
+    decoder layers if given), its tokenizer and the architecture."""
     arch, tokenizer = architecture_and_tokenizer(model)
-    return random_model(arch, tokenizer, seed=seed, dtype=torch.bfloat16, device=device), tokenizer, arch
+    if layers:
+        arch = {**arch, "num_hidden_layers": layers}
+    return random_model(arch, tokenizer, seed=seed, dtype=dtype, device=device), tokenizer, arch
 
 
 def publish(result: dict, headline: tuple[str, ...], out: Path | None) -> None:

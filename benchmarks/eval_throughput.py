@@ -1,7 +1,9 @@
 """Perplexity evaluation throughput: quantorder's evaluation (length-bucketed batches) against a
 naive loop that scores one example at a time, on the same model and rows, in the same run.
 
-Both must give the same corpus perplexity (to 1e-4 relative); throughput counts real tokens.
+Both must give the same corpus perplexity (to 1e-4 relative); throughput counts real tokens. In
+bfloat16 a batch's padding and shape change how the GPU's matmuls round, so `--dtype float32` shows
+whether a difference is the batching itself or bf16 rounding.
 The rows are the embedded SymPy Q&A text; the model has random weights in a configured
 architecture (`--model`), or is a model dir a pipeline made (`--model-dir models/base`).
 
@@ -50,14 +52,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=240, help="rows scored")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     device = resolve_device("auto")
     if args.model_dir:
-        model, tokenizer = load_model(args.model_dir, "bfloat16", device), load_tokenizer(args.model_dir)
+        model, tokenizer = load_model(args.model_dir, args.dtype, device), load_tokenizer(args.model_dir)
     else:
-        model, tokenizer, _ = model_with_tokenizer(args.model, device)
+        model, tokenizer, _ = model_with_tokenizer(args.model, device, dtype=getattr(torch, args.dtype))
     model.eval()
     rows, template = qa_rows()[: args.n], conf("data", "sympy-qa")["template"]
     cfg = EvalCfg(max_seq_len=args.seq_len, batch_size=args.batch_size)
@@ -69,7 +72,7 @@ def main() -> None:
         "model": str(args.model_dir or args.model),
         "rows": len(rows),
         "tokens": round(ours.tokens_per_s * ours.seconds),  # every real token read, targets or not
-        "settings": {"max_seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": "bfloat16"},
+        "settings": {"max_seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype},
         "naive": {"ppl": naive_ppl, "seconds": round(naive_s, 3)},
         "quantorder": {"ppl": ours.ppl, "seconds": round(ours.seconds, 3), "tokens_per_s": round(ours.tokens_per_s, 1)},
         "speedup": round(naive_s / ours.seconds, 3),

@@ -8,6 +8,7 @@ that only the first experiment ran (the float chain) counts with its duration th
 
     python benchmarks/grid_walltime.py --algos rtn gptq awq --out benchmarks/results/grid-h100.json
     python benchmarks/grid_walltime.py --no-run    # only read the finished queue's logs
+    python benchmarks/grid_walltime.py --logs out/rtn.log out/gptq.log out/awq.log   # one `dvc repro` per algo
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ def run_grid(algos: list[str], overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def stage_seconds() -> dict[str, dict[str, float]]:
-    """algo -> stage -> seconds, from the logs of the queue's successful experiments."""
+def queue_logs() -> list[str]:
+    """The logs of the queue's successful experiments."""
+    return [dvc("queue", "logs", task[1]) for task in queue_tasks() if task[-1] == "Success"]
+
+
+def stage_seconds(logs: list[str]) -> dict[str, dict[str, float]]:
+    """algo -> stage -> seconds, from experiment logs."""
     out: dict[str, dict[str, float]] = {}
-    for task in queue_tasks():
-        if task[-1] != "Success":
-            continue
-        log = dvc("queue", "logs", task[1])
+    for log in logs:
         out.setdefault(_algo_of(log), {}).update(stage_times(log))
     return out
 
@@ -74,11 +77,12 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=["rtn", "gptq", "awq"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="an extra -S override")
     parser.add_argument("--no-run", action="store_true", help="read the finished queue instead of running one")
+    parser.add_argument("--logs", nargs="+", type=Path, help="read these `dvc repro` logs instead of a queue")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    wall = None if args.no_run else run_grid(args.algos, args.overrides)
-    seconds = stage_seconds()
+    wall = None if args.no_run or args.logs else run_grid(args.algos, args.overrides)
+    seconds = stage_seconds([p.read_text() for p in args.logs] if args.logs else queue_logs())
     shared = {stage: s for per_algo in seconds.values() for stage, s in per_algo.items()}
     needs = {v: upstream(v) for v in VARIANTS}
     unmeasured = set().union(*needs.values()) - set(shared)
