@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,16 @@ def test_quantize_overhead_benchmark_times_both_runs(tmp_path):
     assert result["seconds"]["quantorder"] > 0 and result["seconds"]["minimal"] > 0
     ratio = result["seconds"]["quantorder"] / result["seconds"]["minimal"]
     assert abs(result["overhead"] - (ratio - 1)) < 0.05  # seconds are rounded to 10 ms
+
+
+def test_finetune_scaling_benchmark_runs_one_and_two_processes(tmp_path):
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/finetune_scaling.py"), "--model", "tiny", "--devices", "1", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--steps", "4", "--seq-len", "32", "--out", str(out)]
+    subprocess.run([*cmd, *args], check=True, capture_output=True, env=env)
+    result = json.loads(out.read_text())
+    assert [result["runs"][n]["processes"] for n in ("1", "2")] == [1, 2]
+    assert len(result["runs"]["2"]["losses"]) == 4 and result["scaling"]["1"] == 1.0
+    # the same micro-batches split over two gloo processes: the same loss curve on a CPU
+    assert result["max_loss_gap"]["2"] < 1e-4 and result["runs"]["1"]["losses"][0] > 5.0

@@ -24,10 +24,10 @@ def stage_times(log: str) -> dict[str, float]:
     return {name: float(seconds) for name, seconds in _STAGE_TIME.findall(log)}
 
 
-def run_stage(main: Callable[[], str]) -> None:
+def run_stage(main: Callable[[], str | None]) -> None:
     """Run a stage's main() and print its closing line (what main() returns: what it wrote, key
-    numbers) with the stage's time and peak memory. User errors become one `error:` line and exit
-    code 2, no traceback."""
+    numbers; None where another process reports) with the stage's time and peak memory. User
+    errors become one `error:` line and exit code 2, no traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
     try:
@@ -35,6 +35,8 @@ def run_stage(main: Callable[[], str]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if closing is None:  # another process (a data-parallel worker) reports for this stage
+        return
     seconds = time.perf_counter() - start
     from quantorder.memory import process_peak_memory  # torch: loaded by every stage already
 

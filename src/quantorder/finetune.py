@@ -6,6 +6,7 @@ exactly the dequantized quantized weights that evaluation and merging use.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 
 from quantorder.config import FinetuneCfg
 from quantorder.data import render
+from quantorder.distributed import all_sum, rank, world_size
 from quantorder.errors import UserError
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.tokens import Example, encode, pad_batch, token_nll
@@ -35,6 +37,7 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     peak_mem_bytes: int
+    processes: int  # data-parallel processes (one per GPU)
 
 
 def apply_liger_kernel(model) -> bool:
@@ -117,10 +120,20 @@ def train_loop(
     """AdamW with linear warmup and cosine decay for `cfg.max_steps` optimizer steps.
 
     Prints one line per `cfg.log_every` steps and appends the same numbers to `log_path` (JSONL).
+    Under torchrun the model trains data-parallel (DDP): each optimizer step draws the same
+    `cfg.grad_accum` micro-batches as one process would, and process r takes every W-th of them;
+    the losses, tokens and gradients are summed over the processes, so the step is the same.
     """
+    from torch.nn.parallel import DistributedDataParallel
     from transformers import get_cosine_schedule_with_warmup
 
     device = next(model.parameters()).device
+    world, me = world_size(), rank()
+    if cfg.grad_accum % world:
+        raise UserError(f"finetune.grad_accum={cfg.grad_accum}: must be a multiple of the {world} processes")
+    local_accum = cfg.grad_accum // world
+    # the frozen (possibly int-packed) base is loaded identically everywhere: only adapters sync
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -135,15 +148,20 @@ def train_loop(
     model.train()
     with log_path.open("w") as log:
         for step in range(1, cfg.max_steps + 1):
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in pad_batch([train[i] for i in next(batches)], pad_id).items()}
-                with autocast:
-                    loss = model(**batch).loss / cfg.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-                n_tok = int(batch["attention_mask"].sum())
-                tokens, window_tokens = tokens + n_tok, window_tokens + n_tok
+            mine = [next(batches) for _ in range(cfg.grad_accum)][me::world]
+            step_loss, step_tokens = 0.0, 0
+            for j, indices in enumerate(mine):
+                batch = {k: v.to(device) for k, v in pad_batch([train[i] for i in indices], pad_id).items()}
+                # gradients are all-reduced once per step, after this process's last micro-batch
+                sync = world == 1 or j == local_accum - 1
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    with autocast:
+                        loss = ddp(**batch).loss / local_accum
+                    loss.backward()
+                step_loss += loss.item() / world
+                step_tokens += int(batch["attention_mask"].sum())
+            step_loss, step_tokens = all_sum([step_loss, step_tokens], device)
+            tokens, window_tokens = tokens + step_tokens, window_tokens + step_tokens
             if not math.isfinite(step_loss):
                 raise UserError(f"training loss became {step_loss} at step {step}; lower finetune.lr={cfg.lr}")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -151,7 +169,7 @@ def train_loop(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = step_loss
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if me == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 now = time.perf_counter()
                 record = {
                     "step": step,
@@ -179,4 +197,5 @@ def train_loop(
         seconds=seconds,
         tokens_per_s=tokens / seconds,
         peak_mem_bytes=peak_memory_bytes(device),
+        processes=world,
     )

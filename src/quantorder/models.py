@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from quantorder.config import ModelCfg
+from quantorder.distributed import claim_gpus, is_worker
 from quantorder.errors import UserError
 from quantorder.provenance import hash_file
 
@@ -19,11 +20,19 @@ PROVENANCE_FILE = "quantorder.json"  # written into every model/adapter dir this
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA on a machine without it is a UserError."""
+    """`auto` picks CUDA when present; asking for CUDA on a machine without it is a UserError.
+
+    On a host with several GPUs the process first claims a free one (see quantorder.distributed);
+    a torchrun worker gets the GPU of its local rank.
+    """
+    if device in ("auto", "cuda"):
+        claim_gpus(1)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device=cuda but no CUDA GPU is visible; use model.device=auto or cpu")
+    if device == "cuda" and is_worker():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 
