@@ -1,6 +1,7 @@
 """End to end: `dvc exp run` on the tiny model makes all seven variants with RTN; a queued grid of GPTQ
 and AWQ re-executes only the quantization chain of each; switching to AWQ afterwards restores every
-stage but the report from the run-cache."""
+stage but the report from the run-cache; `quantorder compare` grids them; the MLflow UI shows them
+in a browser."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,17 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert len(parents) == 3 and len(runs) == 3 + 3 * len(VARIANTS)
     assert set(runs["tags.mlflow.runName"]) >= set(VARIANTS)
 
+    # the cross-experiment grid: the three algorithms from `dvc exp show`, and one MLflow comparison run
+    verdict = _run([sys.executable, "-m", "quantorder", "compare"], project)
+    grid = json.loads((project / "reports/compare/grid.json").read_text())
+    assert sorted(a.split()[0] for a in grid["grid"]) == ["awq", "gptq", "rtn"]
+    assert {a: row["base_q"]["mean"] for a, row in grid["grid"].items()} == {
+        s["algo"]: s["ppl"]["base_q"] for s in shown.values()
+    }
+    assert "is the best int4 variant" in verdict and (project / "reports/compare/grid.png").stat().st_size > 10_000
+    compared = mlflow.search_runs(experiment_names=["quantorder"], filter_string="tags.kind = 'comparison'")
+    assert len(compared) == 1 and compared["metrics.rtn_4-bit_g32.q_ft.ppl_mean"].notna().all()
+
 
 def _wait_for_queue(project: Path, timeout_s: float = 1200) -> list[str]:
     """Wait until no queued experiment is waiting or running; the names of those that ran (all must succeed)."""
@@ -180,3 +194,110 @@ def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
         assert r["peak_mem_bytes"] > 0
     assert results["variants"]["base_q"]["linear_bits_per_weight"] == pytest.approx(4 + 20 / 32)
     assert "| `q_ft_merge_q` |" in out.with_suffix(".md").read_text()
+
+
+# The MLflow UI as a person sees it: `mlflow server` on the store the runs above made, loaded in
+# headless Chromium (Debian's `chromium` + `chromium-driver`, driven by selenium).
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(project):
+    """The project's store behind `mlflow server` on a free localhost port; yields (url, mlflow client)."""
+    if not (CHROMIUM and DRIVER):
+        missing = "headless Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)"
+        if os.environ.get("QUANTORDER_REQUIRE_BROWSER"):  # set by .ci/run: there the test must run
+            pytest.fail(missing)
+        pytest.skip(missing)
+    if not (project / "mlflow.db").exists():  # run alone: make the store with one tiny experiment
+        _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+    import mlflow
+
+    store, port = f"sqlite:///{project / 'mlflow.db'}", _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen([*cmd, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        yield url, mlflow.MlflowClient(store)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    yield driver
+    driver.quit()
+
+
+def _page_text(browser, url: str, expected: list[str], timeout_s: float = 60) -> str:
+    """Open `url` and wait until every string in `expected` is on the rendered page; its text."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    text = ""
+
+    def shows_all(driver) -> bool:
+        nonlocal text
+        text = driver.find_element("tag name", "body").text
+        return all(e in text for e in expected)
+
+    try:
+        WebDriverWait(browser, timeout_s, poll_frequency=0.5).until(shows_all)
+    except Exception:
+        missing = [e for e in expected if e not in text]
+        raise AssertionError(f"{url} never showed {missing}; it showed:\n{text[:3000]}") from None
+    return text
+
+
+def test_the_ui_shows_runs_metrics_and_the_chart(ui, browser, tmp_path):
+    url, client = ui
+    experiment = client.get_experiment_by_name("quantorder")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("kind") != "comparison"]
+    assert parents, "the pipeline logged no experiment run"
+    base = f"{url}/#/experiments/{experiment.experiment_id}"
+
+    # the runs list names every experiment (DVC's experiment names)
+    _page_text(browser, f"{base}/runs", [r.info.run_name for r in parents])
+    browser.save_screenshot(str(tmp_path / "runs.png"))
+
+    # one experiment's page: its headline metrics with their values, and its variants as child runs
+    parent = parents[0]
+    metrics = {k: v for k, v in parent.data.metrics.items() if k.startswith("ppl.")}
+    assert {"ppl.base", "ppl.ft", "ppl.q_ft"} <= set(metrics)
+    children = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 7
+    shown = _page_text(browser, f"{base}/runs/{parent.info.run_id}", ["ppl.q_ft", repr(metrics["ppl.q_ft"]), *children])
+    assert repr(metrics["ppl.ft"]) in shown
+    browser.save_screenshot(str(tmp_path / "run.png"))
+
+    # the chart and the table are artifacts of the run
+    _page_text(browser, f"{base}/runs/{parent.info.run_id}/artifacts", ["ppl.png", "summary.md"])
+    screenshot = tmp_path / "artifacts.png"
+    browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+    print(f"screenshots in {tmp_path}")

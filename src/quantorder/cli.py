@@ -85,17 +85,37 @@ def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Pat
     write_text(out, yaml.safe_dump(params, sort_keys=False))
 
 
+def compare(out: Path, mlflow: bool) -> None:
+    """`quantorder compare`: the grid of every finished DVC experiment, logged to MLflow if enabled."""
+    from quantorder import compare as grid
+    from quantorder.config import load_config
+
+    data, files = grid.write(grid.dvc_experiments(Path(".")), out)
+    print(data["verdict"])
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    tracking = load_config().tracking
+    if mlflow and tracking.enabled:
+        from quantorder.tracking import log_comparison
+
+        print(f"MLflow run {log_comparison(tracking, data, files)} (experiment {tracking.experiment})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="quantorder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compose", help="compose conf/ (+ Hydra overrides) into params.yaml and validate it")
     p.add_argument("overrides", nargs="*", help="e.g. algo=rtn algo.bits=8 +experiment=olive-phi35")
     sub.add_parser("validate", help="validate params.yaml")
+    p = sub.add_parser("compare", help="all DVC experiments as one grid: table, chart, verdict (+ an MLflow run)")
+    p.add_argument("--out", type=Path, default=Path("reports/compare"), help="folder for grid.{md,png,json}")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the comparison run")
     args = parser.parse_args(argv)
     try:
         if args.command == "compose":
             compose(args.overrides)
             print("wrote params.yaml")
+        elif args.command == "compare":
+            compare(args.out, mlflow=not args.no_mlflow)
         else:
             from quantorder.config import load_config
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from quantorder.config import CalibCfg, DataCfg
 from quantorder.errors import UserError
+from quantorder.progress import progress
 
 SPLITS = ("train", "val", "test")
 ANSWER_MARKER = "### Answer:"
@@ -39,9 +40,8 @@ def package_modules(package: str, version: str, key: str) -> Iterator[tuple[str,
         raise UserError(
             f"{key}.package_version={version}: installed {package} is {dist.version}; pip install {package}=={version}"
         )
-    for rel in sorted(f for f in dist.files or [] if f.suffix == ".py"):
-        if _SKIP_DIRS.intersection(rel.parts[:-1]):
-            continue
+    files = [f for f in sorted(dist.files or []) if f.suffix == ".py" and not _SKIP_DIRS.intersection(f.parts[:-1])]
+    for rel in progress(files, len(files), f"[{key}] reading {package} {version}", unit="files"):
         source = Path(dist.locate_file(rel)).read_text(encoding="utf-8")
         try:
             tree = ast.parse(source)

@@ -12,6 +12,7 @@ from quantorder.config import EvalCfg
 from quantorder.data import render
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.models import dir_size
+from quantorder.progress import progress
 from quantorder.tokens import encode, pad_batch, token_nll
 
 PPL_DEFINITIONS = {
@@ -44,7 +45,8 @@ def perplexity(model, tokenizer, rows: list[dict], template: str, cfg: EvalCfg) 
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, len(order), cfg.batch_size):
+        starts = range(0, len(order), cfg.batch_size)
+        for i in progress(starts, len(starts), "[evaluate] scoring", unit="batches"):
             idx = order[i : i + cfg.batch_size]
             batch = {k: v.to(device) for k, v in pad_batch([examples[j] for j in idx], tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

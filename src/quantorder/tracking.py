@@ -85,3 +85,22 @@ def log_experiment(
                     mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
                     mlflow.set_tags({"variant": variant, "parent": name})
         return parent.info.run_id
+
+
+def log_comparison(cfg: TrackingCfg, data: Mapping[str, Any], artifacts: list[Path]) -> str:
+    """Log the cross-experiment grid as one `compare` run (mean perplexities, the files); its id."""
+    import mlflow
+    from filelock import FileLock
+
+    root = project_root()
+    with FileLock(str(root / ".mlflow.lock")):
+        mlflow.set_tracking_uri(tracking_uri(cfg, root))
+        mlflow.set_experiment(cfg.experiment)
+        with mlflow.start_run(run_name="compare", tags={"kind": "comparison"}) as run:
+            mlflow.log_param("experiments", ", ".join(data["experiments"])[:500])
+            for algo, row in data["grid"].items():
+                key = algo.replace(" ", "_")
+                mlflow.log_metrics({f"{key}.{variant}.ppl_mean": cell["mean"] for variant, cell in row.items()})
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
+        return run.info.run_id

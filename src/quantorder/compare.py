@@ -1,0 +1,243 @@
+"""`quantorder compare`: every DVC experiment of the project in one grid (algorithm x variant x
+seed), aggregated across seeds, with the Olive study's chart and the answer to its two questions.
+
+The source is `dvc exp show --json` (each experiment's params.yaml and metrics/summary.json), so
+the grid covers whatever `dvc exp run` / `dvc exp run --queue` produced, MLflow or not.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantorder.errors import UserError
+from quantorder.io import write_text
+from quantorder.layout import QUANTIZED_VARIANTS, VARIANTS
+
+
+@dataclass
+class Experiment:
+    name: str
+    algo: str  # label, e.g. "gptq 4-bit g64"
+    seed: int
+    ppl: dict[str, float]
+    significant: dict[str, bool] = field(default_factory=dict)  # gap to ft excludes zero (paired bootstrap)
+
+
+def from_exp_show(show: list[dict]) -> list[Experiment]:
+    """The experiments (and the workspace, if it has results) in `dvc exp show --json` output."""
+    found: dict[str, Experiment] = {}
+    entries = [("workspace", show[0])] if show else []
+    for baseline in show[1:] if show else []:
+        entries += [
+            (rev.get("name") or rev["rev"][:7], rev) for exp in baseline.get("experiments") or [] for rev in exp["revs"]
+        ]
+    for name, entry in entries:
+        data = entry.get("data") or {}
+        summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data")
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        if not summary or not all(v in summary.get("ppl", {}) for v in VARIANTS):
+            continue  # a failed or unfinished experiment
+        exp = Experiment(
+            name=name,
+            algo=summary["algo"],
+            seed=int(params.get("seed", 0)),
+            ppl=summary["ppl"],
+            significant=summary.get("gap_to_ft_significant", {}),
+        )
+        found.setdefault(f"{exp.algo}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)  # workspace = an exp
+    return list(found.values())
+
+
+def dvc_experiments(root: Path) -> list[Experiment]:
+    """The finished experiments of the DVC project at `root`."""
+    done = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True)
+    if done.returncode:
+        raise UserError(f"`dvc exp show` failed in {root}: {done.stderr.strip().splitlines()[-1:]}")
+    return from_exp_show(json.loads(done.stdout))
+
+
+@dataclass
+class Cell:
+    """One algorithm x variant across seeds."""
+
+    seeds: list[int]
+    ppl: list[float]
+    gap_pct: list[float]  # to the same seed's ft
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.ppl)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.ppl) if len(self.ppl) > 1 else 0.0
+
+    def gap_ci95(self) -> tuple[float, float] | None:
+        """Student-t 95% interval of the mean gap to ft across seeds (None for one seed)."""
+        if len(self.gap_pct) < 2:
+            return None
+        from scipy import stats
+
+        mean, sem = statistics.fmean(self.gap_pct), statistics.stdev(self.gap_pct) / len(self.gap_pct) ** 0.5
+        half = stats.t.ppf(0.975, len(self.gap_pct) - 1) * sem
+        return (mean - half, mean + half)
+
+
+def grid(experiments: list[Experiment]) -> dict[str, dict[str, Cell]]:
+    """algo label -> variant -> Cell, seeds in ascending order (one experiment per seed: the latest wins)."""
+    by_algo: dict[str, dict[int, Experiment]] = defaultdict(dict)
+    for exp in experiments:
+        by_algo[exp.algo][exp.seed] = exp
+    out: dict[str, dict[str, Cell]] = {}
+    for algo, per_seed in sorted(by_algo.items()):
+        seeds = sorted(per_seed)
+        out[algo] = {
+            v: Cell(
+                seeds=seeds,
+                ppl=[per_seed[s].ppl[v] for s in seeds],
+                gap_pct=[100 * (per_seed[s].ppl[v] / per_seed[s].ppl["ft"] - 1) for s in seeds],
+            )
+            for v in VARIANTS
+        }
+    return out
+
+
+def winners(cells: dict[str, dict[str, Cell]]) -> dict[str, dict]:
+    """The answer to each question, with whether it holds in every seed.
+
+    order: per algorithm, the quantized variant with the lowest mean perplexity;
+    algorithm: per quantized variant, the algorithm with the lowest mean perplexity (over the seeds
+    all algorithms share).
+    """
+    order = {}
+    for algo, row in cells.items():
+        best = min(QUANTIZED_VARIANTS, key=lambda v: row[v].mean)
+        every_seed = all(
+            min(QUANTIZED_VARIANTS, key=lambda v: row[v].ppl[i]) == best for i in range(len(row[best].seeds))
+        )
+        order[algo] = {"best": best, "mean_ppl": row[best].mean, "every_seed": every_seed, "seeds": row[best].seeds}
+    algorithm = {}
+    if len(cells) > 1:
+        shared = sorted(set.intersection(*(set(row["ft"].seeds) for row in cells.values())))
+        for v in QUANTIZED_VARIANTS:
+            per_seed = {a: dict(zip(row[v].seeds, row[v].ppl)) for a, row in cells.items()}
+            if not shared:
+                break
+            means = {a: statistics.fmean(p[s] for s in shared) for a, p in per_seed.items()}
+            best = min(means, key=means.get)
+            every_seed = all(min(per_seed, key=lambda a: per_seed[a][s]) == best for s in shared)
+            algorithm[v] = {"best": best, "mean_ppl": means[best], "every_seed": every_seed, "seeds": shared}
+    return {"order": order, "algorithm": algorithm}
+
+
+def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
+    """One paragraph for a design review: which order and which algorithm win, and on what evidence."""
+    lines = []
+    for algo, w in wins["order"].items():
+        row = cells[algo]
+        after = min(("ft_q", "ft_merge_q"), key=lambda v: row[v].mean)
+        n = len(w["seeds"])
+        lines.append(
+            f"With {algo}, `{w['best']}` is the best int4 variant (perplexity {w['mean_ppl']:.3f}, "
+            f"{statistics.fmean(row[w['best']].gap_pct):+.1f}% vs `ft`; quantizing after fine-tuning, `{after}`: "
+            f"{statistics.fmean(row[after].gap_pct):+.1f}%), "
+            + (
+                f"in all {n} seeds."
+                if w["every_seed"] and n > 1
+                else "with one seed."
+                if n == 1
+                else f"but not in all {n} seeds."
+            )
+        )
+    best_orders = {w["best"] for w in wins["order"].values()}
+    for v, w in wins["algorithm"].items():
+        if v not in best_orders:
+            continue
+        others = ", ".join(
+            f"{a} {statistics.fmean(p for s, p in zip(row[v].seeds, row[v].ppl) if s in w['seeds']):.3f}"
+            for a, row in cells.items()
+            if a != w["best"]
+        )
+        holds = "in every shared seed" if w["every_seed"] else "but not in every shared seed"
+        lines.append(f"For `{v}`, {w['best']} has the lowest perplexity ({w['mean_ppl']:.3f}; {others}), {holds}.")
+    return " ".join(lines)
+
+
+def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
+    header = (
+        "| algorithm | variant | seeds | perplexity mean | sd | gap to ft | 95% CI across seeds |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    body = ""
+    for algo, row in cells.items():
+        for v in VARIANTS:
+            c, ci = row[v], row[v].gap_ci95()
+            interval = f"[{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else "-"
+            gap = statistics.fmean(c.gap_pct)
+            body += f"| {algo} | `{v}` | {len(c.seeds)} | {c.mean:.3f} | {c.sd:.3f} | {gap:+.2f}% | {interval} |\n"
+    return f"# Quantize before or after fine-tuning?\n\n{verdict(cells, wins)}\n\n![grid](grid.png)\n\n{header}{body}"
+
+
+def chart(cells: dict[str, dict[str, Cell]], path: Path) -> None:
+    """The Olive study's chart for every algorithm: quantized variants as bars grouped by order, one
+    bar per algorithm (seed mean, sd as error bar); `base` and `ft` as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    width = 0.8 / len(cells)
+    for i, (algo, row) in enumerate(cells.items()):
+        xs = [j + (i - (len(cells) - 1) / 2) * width for j in range(len(QUANTIZED_VARIANTS))]
+        bars = ax.bar(
+            xs,
+            [row[v].mean for v in QUANTIZED_VARIANTS],
+            width,
+            yerr=[row[v].sd for v in QUANTIZED_VARIANTS],
+            label=algo,
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    first = next(iter(cells.values()))
+    for v, style, color in (("base", "--", "gray"), ("ft", "-", "#C44E52")):
+        ax.axhline(first[v].mean, linestyle=style, color=color, label=f"{v} {first[v].mean:.2f}")
+    ax.set_xticks(range(len(QUANTIZED_VARIANTS)), QUANTIZED_VARIANTS)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("quantize before (q_ft...) or after (ft_...) fine-tuning?")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write(experiments: list[Experiment], out_dir: Path) -> tuple[dict, list[Path]]:
+    """Write grid.json, grid.md and grid.png into `out_dir`; return the grid data and the files."""
+    if not experiments:
+        raise UserError("no finished experiment with metrics/summary.json; run `dvc exp run` first")
+    cells = grid(experiments)
+    wins = winners(cells)
+    data = {
+        "experiments": [e.name for e in experiments],
+        "grid": {
+            algo: {
+                v: {"seeds": c.seeds, "ppl": c.ppl, "mean": c.mean, "sd": c.sd, "gap_ci95_pct": c.gap_ci95()}
+                for v, c in row.items()
+            }
+            for algo, row in cells.items()
+        },
+        "winners": wins,
+        "verdict": verdict(cells, wins),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "grid.json", out_dir / "grid.md", out_dir / "grid.png"]
+    write_text(files[0], json.dumps(data, indent=2) + "\n")
+    write_text(files[1], markdown(cells, wins))
+    chart(cells, files[2])
+    return data, files

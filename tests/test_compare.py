@@ -1,0 +1,81 @@
+"""`quantorder compare`: experiments from `dvc exp show --json`, aggregated over seeds, with winners."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantorder.compare import from_exp_show, grid, winners, write
+from quantorder.errors import UserError
+from quantorder.layout import VARIANTS
+
+# perplexities per algorithm in VARIANTS order; seed s adds 0.1 * s to every variant (ft too)
+PPL = {
+    "gptq 4-bit g64": dict(zip(VARIANTS, [14.0, 15.5, 7.0, 8.2, 8.3, 7.6, 12.0])),
+    "rtn 4-bit g64": dict(zip(VARIANTS, [14.0, 18.0, 7.0, 10.5, 10.9, 8.5, 18.0])),
+}
+
+
+def _rev(name: str, algo: str, seed: int, ppl: dict | None = None) -> dict:
+    ppl = ppl or {v: p + 0.1 * seed for v, p in PPL[algo].items()}
+    return {
+        "rev": "f" * 40,
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"seed": seed, "algo": {"name": algo.split()[0]}}}},
+            "metrics": {"metrics/summary.json": {"data": {"algo": algo, "ppl": ppl, "gap_to_ft_significant": {}}}},
+        },
+    }
+
+
+def _show(*revs: dict, workspace: dict | None = None) -> list[dict]:
+    return [
+        workspace or {"rev": "workspace", "data": {}},
+        {"rev": "a" * 40, "experiments": [{"revs": [r]} for r in revs]},
+    ]
+
+
+def test_grid_aggregates_seeds_and_names_the_winners(tmp_path):
+    revs = [_rev(f"e{a[:1]}{s}", a, s) for a in PPL for s in (0, 1, 2)]
+    unfinished = _rev("broken", "gptq 4-bit g64", 3, ppl={"base": 14.0})
+    experiments = from_exp_show(_show(*revs, unfinished))
+    assert len(experiments) == 6  # the unfinished one is left out
+    cells = grid(experiments)
+    q_ft = cells["gptq 4-bit g64"]["q_ft"]
+    assert q_ft.seeds == [0, 1, 2] and q_ft.ppl == pytest.approx([7.6, 7.7, 7.8])
+    assert q_ft.mean == pytest.approx(7.7) and q_ft.sd == pytest.approx(0.1)
+    low, high = q_ft.gap_ci95()
+    assert low < 100 * (7.7 / 7.1 - 1) < high
+    wins = winners(cells)
+    assert wins["order"]["gptq 4-bit g64"] == {
+        "best": "q_ft",
+        "mean_ppl": pytest.approx(7.7),
+        "every_seed": True,
+        "seeds": [0, 1, 2],
+    }
+    assert wins["algorithm"]["q_ft"]["best"] == "gptq 4-bit g64" and wins["algorithm"]["q_ft"]["every_seed"]
+
+    data, files = write(experiments, tmp_path)
+    assert [f.name for f in files] == ["grid.json", "grid.md", "grid.png"] and all(f.stat().st_size for f in files)
+    table = files[1].read_text()
+    assert (
+        table.count("| gptq 4-bit g64 |") == len(VARIANTS) and "| rtn 4-bit g64 | `q_ft` | 3 | 8.600 | 0.100 |" in table
+    )
+    assert "`q_ft` is the best int4 variant" in data["verdict"] and "in all 3 seeds" in data["verdict"]
+    assert "For `q_ft`, gptq 4-bit g64 has the lowest perplexity (7.700; rtn 4-bit g64 8.600)" in data["verdict"]
+    assert json.loads(files[0].read_text())["winners"]["order"]["rtn 4-bit g64"]["best"] == "q_ft"
+
+
+def test_a_conclusion_that_flips_between_seeds_is_flagged():
+    flipped = {**PPL["gptq 4-bit g64"], "ft_q": 7.5}  # seed 1: quantizing after fine-tuning wins
+    cells = grid(from_exp_show(_show(_rev("a", "gptq 4-bit g64", 0), _rev("b", "gptq 4-bit g64", 1, flipped))))
+    order = winners(cells)["order"]["gptq 4-bit g64"]
+    assert order["best"] == "q_ft" and not order["every_seed"]
+
+
+def test_the_workspace_counts_once_and_no_results_is_an_error(tmp_path):
+    same = _rev("e1", "rtn 4-bit g64", 0)
+    assert len(from_exp_show(_show(same, workspace=_rev("workspace", "rtn 4-bit g64", 0)))) == 1
+    with pytest.raises(UserError, match="no finished experiment"):
+        write(from_exp_show(_show()), tmp_path)
