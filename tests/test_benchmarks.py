@@ -37,7 +37,7 @@ def test_quantize_overhead_benchmark_times_both_runs(tmp_path):
     out = tmp_path / "quantize.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/quantize_overhead.py"), "--model", "tiny", "--algo", "gptq"]
     args = ["--n-samples", "8", "--seq-len", "32", "--work", str(tmp_path), "--out", str(out)]
-    subprocess.run([*cmd, *args], check=True, capture_output=True)
+    subprocess.run([*cmd, *args], check=True, capture_output=True, cwd=tmp_path)  # GPTQModel writes ./logs/
     result = json.loads(out.read_text())
     assert result["algo"]["name"] == "gptq" and result["calibration"] == {"n_samples": 8, "seq_len": 32}
     assert result["seconds"]["quantorder"] > 0 and result["seconds"]["minimal"] > 0

@@ -76,6 +76,6 @@ def test_a_conclusion_that_flips_between_seeds_is_flagged():
 
 def test_the_workspace_counts_once_and_no_results_is_an_error(tmp_path):
     same = _rev("e1", "rtn 4-bit g64", 0)
-    assert len(from_exp_show(_show(same, workspace=_rev("workspace", "rtn 4-bit g64", 0)))) == 1
+    assert [e.name for e in from_exp_show(_show(same, workspace=_rev("workspace", "rtn 4-bit g64", 0)))] == ["e1"]
     with pytest.raises(UserError, match="no finished experiment"):
         write(from_exp_show(_show()), tmp_path)

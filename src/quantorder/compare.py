@@ -11,7 +11,7 @@ import json
 import statistics
 import subprocess
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from quantorder.errors import UserError
@@ -25,17 +25,18 @@ class Experiment:
     algo: str  # label, e.g. "gptq 4-bit g64"
     seed: int
     ppl: dict[str, float]
-    significant: dict[str, bool] = field(default_factory=dict)  # gap to ft excludes zero (paired bootstrap)
 
 
 def from_exp_show(show: list[dict]) -> list[Experiment]:
     """The experiments (and the workspace, if it has results) in `dvc exp show --json` output."""
     found: dict[str, Experiment] = {}
-    entries = [("workspace", show[0])] if show else []
-    for baseline in show[1:] if show else []:
-        entries += [
-            (rev.get("name") or rev["rev"][:7], rev) for exp in baseline.get("experiments") or [] for rev in exp["revs"]
-        ]
+    entries = [
+        (rev.get("name") or rev["rev"][:7], rev)
+        for baseline in show[1:]
+        for exp in baseline.get("experiments") or []
+        for rev in exp["revs"]
+    ]
+    entries += [("workspace", show[0])] if show else []  # counted only if no experiment has its results
     for name, entry in entries:
         data = entry.get("data") or {}
         summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data")
@@ -47,9 +48,8 @@ def from_exp_show(show: list[dict]) -> list[Experiment]:
             algo=summary["algo"],
             seed=int(params.get("seed", 0)),
             ppl=summary["ppl"],
-            significant=summary.get("gap_to_ft_significant", {}),
         )
-        found.setdefault(f"{exp.algo}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)  # workspace = an exp
+        found.setdefault(f"{exp.algo}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
     return list(found.values())
 
 
