@@ -9,7 +9,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from quantorder.errors import UserError
 
@@ -60,8 +60,9 @@ def read_json(path: str | Path) -> Any:
 
 
 @contextlib.contextmanager
-def captured_output(log_path: str | Path) -> Iterator[None]:
-    """Send everything written to stdout/stderr (Python and native code) to `log_path`.
+def captured_output(log_path: str | Path) -> Iterator[TextIO]:
+    """Send everything written to stdout/stderr (Python and native code) to `log_path`; yield a
+    stream to the real stdout, for the caller's own progress lines.
 
     For chatty backends: the stage log keeps one summary line, the backend's own log stays on
     disk. On a crash the log's last lines are replayed to stderr; a UserError propagates alone.
@@ -70,11 +71,11 @@ def captured_output(log_path: str | Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with log_path.open("w") as log:
+    with log_path.open("w") as log, open(saved[0], "w", closefd=False) as console:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            yield console
         except UserError:
             _restore(saved)
             raise

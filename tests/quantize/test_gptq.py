@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantorder import progress
 from quantorder.models import load_model
+from quantorder.quantize.base import BACKEND_LOG
 from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 
@@ -44,3 +46,12 @@ def test_damping_must_be_a_fraction():
 
     with pytest.raises(ConfigError, match=r"algo.damp_percent=0: must be in \(0, 1\)"):
         GPTQCfg(name="gptq", damp_percent=0)
+
+
+def test_quantizing_reports_layer_progress_on_the_console(tmp_path, tiny_dir, calibration, capfd, monkeypatch):
+    """The backend's own output goes to its log; the stage output gets one line per finished layer."""
+    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)
+    GPTQQuantizer(GPTQCfg(name="gptq", bits=4, group_size=32)).quantize(tiny_dir, calibration, tmp_path, "float32")
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[quantize] gptq")]
+    assert [line.split(",")[0] for line in lines] == [f"[quantize] gptq: {n}/2 layers ({50 * n}%)" for n in (1, 2)]
+    assert "[quantize]" not in (tmp_path / BACKEND_LOG).read_text()

@@ -8,7 +8,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 import torch
 
@@ -16,8 +16,35 @@ from quantorder.config import AlgoCfg
 from quantorder.errors import UserError
 from quantorder.io import captured_output
 from quantorder.models import set_gptqmodel_workers
+from quantorder.progress import Progress
 
 BACKEND_LOG = "backend.log"
+
+
+@contextlib.contextmanager
+def layer_progress(model: torch.nn.Module, desc: str, out: TextIO) -> Iterator[None]:
+    """Report, on `out`, how many decoder layers the backend has finished: it quantizes them in
+    order, and a layer's first forward pass means the ones before it are done."""
+    layers = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers"))
+    bar = Progress(len(layers), desc, unit="layers", out=out)
+    started: set[int] = set()
+
+    def on_forward(index: int):
+        def hook(*_) -> None:
+            if index not in started:
+                started.add(index)
+                bar.update(len(started) - 1)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(on_forward(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.update(len(layers))
+        bar.close()
 
 
 class Quantizer(ABC):
@@ -86,7 +113,7 @@ class GPTQModelQuantizer(Quantizer):
         # GPTQModel logs every layer with progress bars; keep its log beside the weights instead
         # of in the stage output, and run it in a scratch dir because it writes ./logs/.
         with (
-            captured_output(out_dir / BACKEND_LOG),
+            captured_output(out_dir / BACKEND_LOG) as console,
             tempfile.TemporaryDirectory() as scratch,
             contextlib.chdir(scratch),
         ):
@@ -95,7 +122,8 @@ class GPTQModelQuantizer(Quantizer):
             dtype = self.compute_dtype(dtype)
             model = GPTQModel.load(str(model_dir), self.backend_config(), dtype=getattr(torch, dtype))
             self.check(model.model)
-            extra = self.run(model, calibration, out_dir)
+            with layer_progress(model.model, f"[quantize] {self.name}", console):
+                extra = self.run(model, calibration, out_dir)
             model.save(str(out_dir))
         return {
             "backend": self.backend,
