@@ -9,13 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from quantorder import distributed
+from quantorder.checkpoint import Checkpointer, fingerprint
 from quantorder.cli import print_config, run_stage, stage_target
 from quantorder.config import as_dict, load_config
 from quantorder.data import read_jsonl
 from quantorder.errors import UserError
 from quantorder.finetune import TRAIN_LOG, setup_data, setup_model, train_loop
 from quantorder.io import atomic_dir, read_json, write_json
-from quantorder.layout import ADAPTERS_DIR, FINETUNE_BASES, QA_DIR
+from quantorder.layout import ADAPTERS_DIR, CHECKPOINTS_DIR, FINETUNE_BASES, QA_DIR
 from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resolve_device
 from quantorder.provenance import library_versions
 
@@ -44,10 +45,18 @@ def main() -> str | None:
     train = setup_data(tokenizer, read_jsonl(QA_DIR / "train.jsonl"), cfg.data.template, cfg.finetune.max_seq_len)
     val = setup_data(tokenizer, read_jsonl(QA_DIR / "val.jsonl"), cfg.data.template, cfg.finetune.max_seq_len)
     model = setup_model(load_model(base, cfg.model.dtype, device, training=True), cfg.finetune, cfg.seed)
+    base_sha = read_json(base / PROVENANCE_FILE)["sha256"]
+    data_sha = read_json(QA_DIR / "manifest.json")["sha256"]
+    run = {k: v for k, v in as_dict(cfg.finetune).items() if k not in ("checkpoint_every", "log_every")}
+    run |= {"seed": cfg.seed, "template": cfg.data.template, "dtype": cfg.model.dtype}
+    run |= {"base_sha256": base_sha, "data_sha256": data_sha, "processes": distributed.world_size()}
+    checkpoint = Checkpointer(CHECKPOINTS_DIR / f"finetune@{name}", cfg.finetune.checkpoint_every, fingerprint(run))
     # the first process writes the adapter; the others train along and keep nothing
     with atomic_dir(out) if lead else tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result = train_loop(model, train, val, cfg.finetune, tokenizer.pad_token_id, cfg.seed, tmp / TRAIN_LOG)
+        result = train_loop(
+            model, train, val, cfg.finetune, tokenizer.pad_token_id, cfg.seed, tmp / TRAIN_LOG, checkpoint
+        )
         if lead:
             model.save_pretrained(tmp)
             write_json(
@@ -56,8 +65,8 @@ def main() -> str | None:
                     "finetune": as_dict(cfg.finetune),
                     "seed": cfg.seed,
                     "base": str(base),
-                    "base_sha256": read_json(base / PROVENANCE_FILE)["sha256"],
-                    "data_sha256": read_json(QA_DIR / "manifest.json")["sha256"],
+                    "base_sha256": base_sha,
+                    "data_sha256": data_sha,
                     "result": asdict(result),
                     "versions": library_versions(),
                 },
@@ -65,6 +74,7 @@ def main() -> str | None:
     distributed.finish_worker()
     if not lead:
         return None
+    checkpoint.clear()  # the adapter is in place: nothing left to resume
     return (
         f"[finetune@{name}] {result.steps} steps, loss {result.final_loss:.4f}, val loss {result.val_loss:.4f}, "
         f"{result.trainable_params / 1e6:.2f}M trainable, {result.tokens_per_s:.0f} tok/s"

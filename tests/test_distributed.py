@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,10 @@ def _stage(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=project, env=env, capture_output=True, text=True)
 
 
-def _compose(project: Path, devices: int) -> None:
+def _compose(project: Path, devices: int, *extra: str) -> None:
     overrides = ["+experiment=tiny", "model.device=cpu", "finetune.grad_accum=2", f"finetune.max_steps={STEPS}"]
     # no LoRA dropout: its masks come from each process's own random stream
-    overrides += ["finetune.dropout=0", "finetune.log_every=1", f"finetune.devices={devices}"]
+    overrides += ["finetune.dropout=0", "finetune.log_every=1", f"finetune.devices={devices}", *extra]
     done = _stage(project, "-m", "quantorder", "compose", *overrides)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -68,6 +69,36 @@ def test_two_processes_train_the_same_steps_as_one(prepared):
     assert one_log[-1]["loss"] < one_log[0]["loss"]  # it trained
     # one closing line for the stage, from the first process
     assert out.count("[finetune@ft]") == 1 and "on 2 processes" in out
+
+
+def test_two_processes_resume_after_a_kill(prepared):
+    """Each process's dropout stream is in the checkpoint: the resumed pair ends as an unbroken pair."""
+    _compose(prepared, 2, "finetune.max_steps=60", "finetune.checkpoint_every=2", "finetune.dropout=0.1")
+    unbroken = _stage(prepared, "stages/finetune.py", "ft")
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    expected = (prepared / "models/adapters/ft/train_log.jsonl").read_text().splitlines()
+    state = prepared / "checkpoints/finetune@ft/state.pt"
+    assert not state.exists()
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "stages/finetune.py", "ft"],
+        cwd=prepared,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while not state.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "training ended before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = _stage(prepared, "stages/finetune.py", "ft")
+    assert resumed.returncode == 0 and "resuming after step" in resumed.stdout, resumed.stderr[-2000:]
+    got = (prepared / "models/adapters/ft/train_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in got] == [json.loads(r)["loss"] for r in expected]
 
 
 def test_devices_must_divide_the_accumulation_steps(prepared):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from quantorder.checkpoint import Checkpointer
 from quantorder.config import FinetuneCfg
 from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
 from quantorder.models import load_model, load_tokenizer
@@ -67,3 +68,57 @@ def test_unknown_target_module_is_a_clear_error(tiny_dir):
 
     with pytest.raises(UserError, match=r"finetune.target_modules=\['qkv_proj'\]"):
         setup_model(load_model(tiny_dir, "float32", CPU), FinetuneCfg(target_modules=["qkv_proj"]), 0)
+
+
+class _KilledAfterSaving(Checkpointer):
+    """Stands for a kill: the run dies right after writing its first checkpoint."""
+
+    def save(self, state: dict) -> None:
+        super().save(state)
+        raise KeyboardInterrupt
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tiny_dir, qa_rows, tmp_path, capsys):
+    # dropout on and 2-step accumulation: the resume must restore the random stream and the batch order
+    cfg = FinetuneCfg(
+        r=4,
+        alpha=8,
+        lr=1e-2,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=9,
+        warmup_steps=2,
+        max_seq_len=64,
+        log_every=2,
+        dropout=0.1,
+    )
+    tok = load_tokenizer(tiny_dir)
+    train = setup_data(tok, qa_rows[:12], TEMPLATE, cfg.max_seq_len)
+
+    def run(checkpoint, log):
+        model = setup_model(load_model(tiny_dir, "float32", CPU), cfg, seed=3)
+        result = train_loop(model, train, train[:4], cfg, tok.pad_token_id, 3, tmp_path / log, checkpoint)
+        return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    clean, clean_weights = run(None, "clean.jsonl")
+    folder = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run(_KilledAfterSaving(folder, 4, "run-a"), "killed.jsonl")
+    assert torch.load(folder / "state.pt", weights_only=False)["step"] == 4
+    capsys.readouterr()
+
+    resumed, resumed_weights = run(Checkpointer(folder, 4, "run-a"), "resumed.jsonl")
+    assert "resuming after step 4" in capsys.readouterr().out
+    assert (resumed.final_loss, resumed.val_loss) == (clean.final_loss, clean.val_loss)
+    assert all(torch.equal(clean_weights[n], resumed_weights[n]) for n in clean_weights)
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
+    assert logged == [json.loads(line)["loss"] for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert (folder / "state.pt").is_file()  # the stage clears it once the adapter is saved, not the loop
+
+
+def test_checkpoint_of_other_inputs_is_not_resumed(tiny_dir, qa_rows, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    Checkpointer(folder, 2, "run-a").save({"step": 2})
+    assert Checkpointer(folder, 2, "run-b").load() is None
+    assert "made with other inputs" in capsys.readouterr().out
+    assert Checkpointer(folder, 2, "run-a").load()["step"] == 2

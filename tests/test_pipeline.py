@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from quantorder.cli import stage_times
 from quantorder.layout import VARIANTS
 
 from .conftest import ROOT
+from .project import env, executed, make_project, run
 
 pytestmark = pytest.mark.slow
 FLOAT_CHAIN = {"prepare", "calibrate", "finetune@ft", "merge@ft", "evaluate@base", "evaluate@ft"}
@@ -39,51 +39,14 @@ QUANT_CHAIN = {
 }
 
 
-# DVC commits experiments: give git an identity where the machine has none configured.
-GIT_IDENTITY = {
-    f"GIT_{who}_{what}": value
-    for who in ("AUTHOR", "COMMITTER")
-    for what, value in (("NAME", "quantorder-test"), ("EMAIL", "test@localhost"))
-}
-
-
-def _env() -> dict[str, str]:
-    return {**GIT_IDENTITY, **os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = _env()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def _executed(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", log))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("project")
-    for item in ("conf", "stages", "src", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
-        src = ROOT / item
-        (
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-            if src.is_dir()
-            else shutil.copy(src, repo / item)
-        )
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "project"], repo)
-    return repo
+    return make_project(tmp_path_factory.mktemp("project"))
 
 
 def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
-    first = _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
-    assert _executed(first) == FLOAT_CHAIN | QUANT_CHAIN | {"report"}
+    first = run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+    assert executed(first) == FLOAT_CHAIN | QUANT_CHAIN | {"report"}
     metrics = {v: json.loads((project / "metrics/eval" / f"{v}.json").read_text()) for v in VARIANTS}
     for name, m in metrics.items():
         assert m["ppl"] > 1 and m["n_tokens"] > 0, name
@@ -108,19 +71,19 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     base_ppl = metrics["base"]["ppl"]
 
     # the grid of the other algorithms, queued: each experiment runs only its quantization chain
-    _run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,awq"], project)
-    _run(["dvc", "queue", "start"], project)
+    run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,awq"], project)
+    run(["dvc", "queue", "start"], project)
     names = _wait_for_queue(project)
     assert len(names) == 2
     for name in names:
-        assert _executed(_run(["dvc", "queue", "logs", name], project)) == QUANT_CHAIN | {"report"}, name
+        assert executed(run(["dvc", "queue", "logs", name], project)) == QUANT_CHAIN | {"report"}, name
     shown = _experiment_summaries(project)
     assert sorted(s["algo"].split()[0] for s in shown.values()) == ["awq", "gptq", "rtn"]
     assert len({s["ppl"]["base"] for s in shown.values()}) == 1  # one float chain, shared
     assert len({s["ppl"]["base_q"] for s in shown.values()}) == 3  # three different quantizations
 
-    third = _run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=awq"], project)
-    assert _executed(third) == {"report"}  # everything else comes back from the run-cache the queue filled
+    third = run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=awq"], project)
+    assert executed(third) == {"report"}  # everything else comes back from the run-cache the queue filled
     assert "MLflow already has these results" in third
     assert json.loads((project / "metrics/eval/base.json").read_text())["ppl"] == base_ppl
     made = json.loads((project / "models/quantized/base_q/quantorder.json").read_text())
@@ -138,7 +101,7 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert set(runs["tags.mlflow.runName"]) >= set(VARIANTS)
 
     # the cross-experiment grid: the three algorithms from `dvc exp show`, and one MLflow comparison run
-    verdict = _run([sys.executable, "-m", "quantorder", "compare"], project)
+    verdict = run([sys.executable, "-m", "quantorder", "compare"], project)
     grid = json.loads((project / "reports/compare/grid.json").read_text())
     assert sorted(a.split()[0] for a in grid["grid"]) == ["awq", "gptq", "rtn"]
     assert {a: row["base_q"]["mean"] for a, row in grid["grid"].items()} == {
@@ -153,7 +116,7 @@ def _wait_for_queue(project: Path, timeout_s: float = 1200) -> list[str]:
     """Wait until no queued experiment is waiting or running; the names of those that ran (all must succeed)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        lines = _run(["dvc", "queue", "status"], project).splitlines()
+        lines = run(["dvc", "queue", "status"], project).splitlines()
         tasks = [
             row.split() for row in lines[1:] if row.split()[-1:] in (["Queued"], ["Running"], ["Success"], ["Failed"])
         ]
@@ -166,15 +129,14 @@ def _wait_for_queue(project: Path, timeout_s: float = 1200) -> list[str]:
 
 def _experiment_summaries(project: Path) -> dict[str, dict]:
     """metrics/summary.json of every experiment `dvc exp show` lists, by experiment name."""
-    baseline = json.loads(_run(["dvc", "exp", "show", "--json"], project))[1]
+    baseline = json.loads(run(["dvc", "exp", "show", "--json"], project))[1]
     revs = [rev for exp in baseline["experiments"] for rev in exp["revs"]]
     return {rev["name"]: rev["data"]["metrics"]["metrics/summary.json"]["data"] for rev in revs}
 
 
 def test_stage_reports_user_errors_in_one_line(project):
-    env = _env()
     proc = subprocess.run(
-        [sys.executable, "stages/evaluate.py", "nonsense"], cwd=project, env=env, capture_output=True, text=True
+        [sys.executable, "stages/evaluate.py", "nonsense"], cwd=project, env=env(), capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -186,7 +148,7 @@ def test_stage_reports_user_errors_in_one_line(project):
 def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
     out = tmp_path / "variants.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "2", "--batch-sizes", "1", "2"]
-    _run(cmd + ["--out", str(out)], project)
+    run(cmd + ["--out", str(out)], project)
     results = json.loads(out.read_text())
     assert set(results["variants"]) == set(VARIANTS)
     for r in results["variants"].values():
@@ -216,7 +178,7 @@ def ui(project):
             pytest.fail(missing)
         pytest.skip(missing)
     if not (project / "mlflow.db").exists():  # run alone: make the store with one tiny experiment
-        _run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+        run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
     import mlflow
 
     store, port = f"sqlite:///{project / 'mlflow.db'}", _free_port()

@@ -176,12 +176,16 @@ class FinetuneCfg:
     # data-parallel processes, one per GPU (0: every visible GPU); grad_accum must be a multiple of it
     devices: int = 1
     log_every: int = 10
+    # save the run's state every N steps (0: never); a killed run resumes from the last one
+    checkpoint_every: int = 20
 
     def __post_init__(self) -> None:
         p: list[str] = []
         for k in ("r", "alpha", "batch_size", "grad_accum", "max_steps", "max_seq_len", "log_every"):
             require(p, getattr(self, k) > 0, f"finetune.{k}={getattr(self, k)}: must be > 0")
         require(p, self.lr > 0, f"finetune.lr={self.lr}: must be > 0")
+        every = self.checkpoint_every
+        require(p, every >= 0, f"finetune.checkpoint_every={every}: must be >= 0 (0: never)")
         require(p, self.devices >= 0, f"finetune.devices={self.devices}: must be >= 0 (0: every visible GPU)")
         require(p, 0 <= self.dropout < 1, f"finetune.dropout={self.dropout}: must be in [0, 1)")
         require(p, self.weight_decay >= 0, f"finetune.weight_decay={self.weight_decay}: must be >= 0")

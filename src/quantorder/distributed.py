@@ -14,20 +14,24 @@ runs three experiments on three GPUs, and a fourth waits for one to free up.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from quantorder.errors import UserError
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "quantorder-gpu-locks"
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
 _claimed: list[object] = []  # open lock files, held until the process exits
 
 
@@ -105,9 +109,22 @@ def launch(n: int, argv: list[str]) -> None:
         raise SystemExit(done.returncode)
 
 
+def _die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so killing the stage's process group (a
+    lost job, a SIGKILLed `dvc repro`) would leave the workers training and writing outputs behind a
+    later run's back. On Linux, ask the kernel to kill this worker when its torchrun agent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    agent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != agent:  # the agent died before the request
+        os._exit(1)
+
+
 def init_worker(device: torch.device) -> None:
     """Join the process group torchrun set up: NCCL on GPUs, gloo on CPUs."""
     if is_worker() and not torch.distributed.is_initialized():
+        _die_with_launcher()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -126,3 +143,12 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """`obj` of every process, by rank (`[obj]` on one process)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from quantorder.checkpoint import Checkpointer, rng_state, set_rng_state
 from quantorder.config import FinetuneCfg
 from quantorder.data import render
-from quantorder.distributed import all_sum, rank, world_size
+from quantorder.distributed import all_gather, all_sum, rank, world_size
 from quantorder.errors import UserError
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.tokens import Example, encode, pad_batch, token_nll
@@ -115,11 +116,20 @@ def mean_loss(model, examples: list[Example], pad_id: int, batch_size: int, devi
 
 
 def train_loop(
-    model, train: list[Example], val: list[Example], cfg: FinetuneCfg, pad_id: int, seed: int, log_path: Path
+    model,
+    train: list[Example],
+    val: list[Example],
+    cfg: FinetuneCfg,
+    pad_id: int,
+    seed: int,
+    log_path: Path,
+    checkpoint: Checkpointer | None = None,
 ) -> TrainResult:
     """AdamW with linear warmup and cosine decay for `cfg.max_steps` optimizer steps.
 
     Prints one line per `cfg.log_every` steps and appends the same numbers to `log_path` (JSONL).
+    With a `checkpoint`, saves the run's state every `checkpoint.every` steps and first resumes from
+    the last one saved; the resumed run takes exactly the steps the uninterrupted one would.
     Under torchrun the model trains data-parallel (DDP): each optimizer step draws the same
     `cfg.grad_accum` micro-batches as one process would, and process r takes every W-th of them;
     the losses, tokens and gradients are summed over the processes, so the step is the same.
@@ -134,7 +144,8 @@ def train_loop(
     local_accum = cfg.grad_accum // world
     # the frozen (possibly int-packed) base is loaded identically everywhere: only adapters sync
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     batches = _batches(len(train), cfg.batch_size, seed)
@@ -142,12 +153,26 @@ def train_loop(
     # autocast runs their matmuls (and saves their activations) in the half-precision base's dtype.
     half = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
     autocast = torch.autocast(device.type, dtype=half, enabled=device.type == "cuda" and half != torch.float32)
+    first_step, tokens, done_seconds, loss_value, records = 1, 0, 0.0, float("nan"), []
+    if checkpoint and (state := checkpoint.load()):
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(state["adapter"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"][me], device)
+        for _ in range(state["step"] * cfg.grad_accum):  # the batches the finished steps drew
+            next(batches)
+        first_step, tokens, done_seconds = state["step"] + 1, state["tokens"], state["seconds"]
+        loss_value, records = state["loss"], state["log"]
+        if me == 0:
+            print(f"[finetune] resuming after step {state['step']} from {checkpoint.path}", flush=True)
     reset_peak_memory(device)
-    start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
-    loss_value = float("nan")
+    start, window_tokens, window_start = time.perf_counter() - done_seconds, 0, time.perf_counter()
     model.train()
     with log_path.open("w") as log:
-        for step in range(1, cfg.max_steps + 1):
+        log.writelines(json.dumps(r) + "\n" for r in records)
+        for step in range(first_step, cfg.max_steps + 1):
             mine = [next(batches) for _ in range(cfg.grad_accum)][me::world]
             step_loss, step_tokens = 0.0, 0
             for j, indices in enumerate(mine):
@@ -185,7 +210,25 @@ def train_loop(
                     flush=True,
                 )
                 log.write(json.dumps(record) + "\n")
+                records.append(record)
                 window_tokens, window_start = 0, now
+            if checkpoint and checkpoint.due(step, cfg.max_steps):
+                rngs = all_gather(rng_state(device))  # each process's dropout stream
+                if me == 0:
+                    log.flush()
+                    checkpoint.save(
+                        {
+                            "step": step,
+                            "adapter": {name: p.detach() for name, p in trainable.items()},
+                            "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(),
+                            "rng": rngs,
+                            "tokens": tokens,
+                            "seconds": time.perf_counter() - start,
+                            "loss": loss_value,
+                            "log": records,
+                        }
+                    )
     seconds = time.perf_counter() - start
     val_loss = mean_loss(model, val, pad_id, cfg.batch_size, device)
     return TrainResult(

@@ -18,6 +18,7 @@ EVAL_DIR = Path("metrics/eval")
 SUMMARY_FILE = Path("metrics/summary.json")
 PLOTS_DIR = Path("metrics/plots")
 REPORTS_DIR = Path("reports")
+CHECKPOINTS_DIR = Path("checkpoints")  # not a DVC output: it must outlive a killed stage
 
 
 @dataclass(frozen=True)
