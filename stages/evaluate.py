@@ -10,7 +10,7 @@ from quantorder.data import read_jsonl
 from quantorder.evaluate import PPL_DEFINITIONS, footprint, measure, quantized_bits_per_weight
 from quantorder.io import read_json, write_json, write_text
 from quantorder.layout import BASE_DIR, EVAL_DIR, QA_DIR, VARIANTS
-from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resolve_device
+from quantorder.models import PROVENANCE_FILE, check_seq_len, load_model, load_tokenizer, resolve_device
 from quantorder.provenance import git_commit, hash_dir, library_versions
 
 
@@ -18,6 +18,7 @@ def main() -> str:
     name = stage_target("variant", VARIANTS)
     cfg = load_config()
     variant = VARIANTS[name]
+    check_seq_len(variant.model, cfg.eval.max_seq_len, "eval.max_seq_len")
     model = load_model(variant.model, cfg.model.dtype, resolve_device(cfg.model.device))
     if variant.adapter:
         from peft import PeftModel

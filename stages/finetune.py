@@ -17,7 +17,7 @@ from quantorder.errors import UserError
 from quantorder.finetune import TRAIN_LOG, setup_data, setup_model, train_loop
 from quantorder.io import atomic_dir, read_json, write_json
 from quantorder.layout import ADAPTERS_DIR, CHECKPOINTS_DIR, FINETUNE_BASES, QA_DIR
-from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resolve_device
+from quantorder.models import PROVENANCE_FILE, check_seq_len, load_model, load_tokenizer, resolve_device
 from quantorder.provenance import library_versions
 
 
@@ -41,6 +41,7 @@ def main() -> str | None:
     if lead:
         print_config("finetune", cfg.finetune)
     base, out = FINETUNE_BASES[name], ADAPTERS_DIR / name
+    check_seq_len(base, cfg.finetune.max_seq_len, "finetune.max_seq_len")
     tokenizer = load_tokenizer(base)
     train = setup_data(tokenizer, read_jsonl(QA_DIR / "train.jsonl"), cfg.data.template, cfg.finetune.max_seq_len)
     val = setup_data(tokenizer, read_jsonl(QA_DIR / "val.jsonl"), cfg.data.template, cfg.finetune.max_seq_len)

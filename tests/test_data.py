@@ -95,12 +95,12 @@ def test_jsonl_source_and_its_errors(tmp_path):
     with pytest.raises(UserError, match="fewer than n_train"):
         build_splits(_cfg(source="jsonl", path=str(good), n_train=20, n_val=2, n_test=2))
     wrong_column = tmp_path / "wrong.jsonl"
-    wrong_column.write_text("".join(json.dumps({"question": "q", "answer": "a"}) + "\n" for _ in range(12)))
+    wrong_column.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(12)))
     with pytest.raises(UserError, match=r"column\(s\) programming_language, prompt, response absent"):
         build_splits(_cfg(source="jsonl", path=str(wrong_column), n_train=8, n_val=2, n_test=2))
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match="not UTF-8 JSONL"):
+    with pytest.raises(UserError, match="not UTF-8"):
         read_jsonl(latin1)
     with pytest.raises(UserError, match="not found"):
         read_jsonl(tmp_path / "absent.jsonl")

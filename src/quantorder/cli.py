@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import sys
@@ -34,6 +35,13 @@ def run_stage(main: Callable[[], str | None]) -> None:
         closing = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # stages write into a temporary path, removed on the way out: nothing half-written stays
+        where = e.filename or "an output"
+        print(f"error: no space left on the device writing {where}; free space and rerun", file=sys.stderr)
         sys.exit(2)
     if closing is None:  # another process (a data-parallel worker) reports for this stage
         return

@@ -102,14 +102,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from e
                 if not isinstance(row, dict):
                     raise UserError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
                 rows.append(row)
     except FileNotFoundError as e:
         raise UserError(f"data file {path} not found") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not UTF-8 JSONL ({e})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 ({e})") from e
     return rows
 
 
@@ -127,10 +130,22 @@ def render(template: str, row: dict) -> str:
     return template.format(**row)
 
 
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """`rows` without exact repeats (first occurrence kept): a repeat could land in train and test."""
+    seen: set[str] = set()
+    keep = []
+    for row in rows:
+        key = json.dumps(row, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            keep.append(row)
+    return keep
+
+
 def _seeded_split(rows: list[dict], cfg: DataCfg) -> dict[str, list[dict]]:
     need = cfg.n_train + cfg.n_val + cfg.n_test
     if len(rows) < need:
-        raise UserError(f"data '{cfg.name}' has {len(rows)} rows, fewer than n_train+n_val+n_test={need}")
+        raise UserError(f"data '{cfg.name}' has {len(rows)} distinct rows, fewer than n_train+n_val+n_test={need}")
     order = list(range(len(rows)))
     random.Random(cfg.split_seed).shuffle(order)
     picked = [rows[i] for i in order[:need]]
@@ -160,8 +175,12 @@ def build_splits(cfg: DataCfg) -> tuple[dict[str, list[dict]], dict]:
         else:
             rows = read_jsonl(cfg.path)
             source = {"kind": "jsonl", "path": str(cfg.path)}
-        splits = _seeded_split(rows, cfg)
-        source["rows_available"] = len(rows)
+        distinct = unique_rows(rows)
+        if len(distinct) < len(rows):
+            print(f"[prepare] dropped {len(rows) - len(distinct)} repeated rows of '{cfg.name}'", flush=True)
+            source["repeated_rows_dropped"] = len(rows) - len(distinct)
+        splits = _seeded_split(distinct, cfg)
+        source["rows_available"] = len(distinct)
     _check_rows(splits, cfg)
     return splits, source
 

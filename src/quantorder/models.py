@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -148,9 +150,24 @@ def materialize_base(cfg: ModelCfg, out_dir: Path, tokenizer_texts: list[str]) -
     return source
 
 
+def model_config(model_dir: str | Path) -> dict:
+    """The transformers config.json of a model dir."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"model dir {model_dir} has no config.json; rerun the stage that makes it")
+    return json.loads(path.read_text())
+
+
+def check_seq_len(model_dir: str | Path, seq_len: int, key: str) -> None:
+    """Raise a UserError if `seq_len` exceeds the positions the model in `model_dir` was built for."""
+    config = model_config(model_dir)
+    limit = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    if limit and seq_len > limit:
+        raise UserError(f"{key}={seq_len}: the model in {model_dir} allows at most {limit} tokens")
+
+
 def is_quantized(model_dir: str | Path) -> bool:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return "quantization_config" in config
+    return "quantization_config" in model_config(model_dir)
 
 
 def set_gptqmodel_workers() -> None:
@@ -177,10 +194,25 @@ def quantization_config(qcfg: dict, device: torch.device, training: bool):
     return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" else "torch")
 
 
+@contextlib.contextmanager
+def _unreadable_model_dir(model_dir: Path, *errors: type[Exception]) -> Iterator[None]:
+    """A missing, truncated or corrupt file in a model dir (OSError, safetensors' error, `errors`)
+    is a UserError naming the dir."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError, *errors) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"model dir {model_dir} is incomplete or corrupt ({reason}); rerun the stage making it") from e
+
+
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    # transformers raises ValueError ("Couldn't instantiate the backend tokenizer") for missing files
+    with _unreadable_model_dir(Path(model_dir), ValueError):
+        tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -196,16 +228,15 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"model dir {model_dir} has no config.json; rerun the stage that makes it")
+    config = model_config(model_dir)
     kwargs = {"dtype": torch_dtype(dtype)}
-    if is_quantized(model_dir):
+    if "quantization_config" in config:
         if device.type == "cpu":
             # GPTQModel's CPU kernel wraps dequantization in torch.compile, which recompiles for
             # every new input shape (stalls of 30 s and more); eager mode is faster here.
             torch._dynamo.config.disable = True
         set_gptqmodel_workers()
-        qcfg = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+        qcfg = config["quantization_config"]
         kwargs["quantization_config"] = quantization_config(qcfg, device, training)
         if qcfg.get("quant_method") == "awq" and kwargs["dtype"] == torch.float32:
             # GPTQModel's AWQ kernels compute in half precision (float32 inputs silently in fp16,
@@ -214,7 +245,8 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
         kwargs["device_map"] = {"": str(device)}
     with warnings.catch_warnings():  # passing a config only to pick the kernel is intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with _unreadable_model_dir(model_dir):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model.to(device)
 
 
