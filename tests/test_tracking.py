@@ -42,3 +42,29 @@ def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):
     artifacts = mlflow.artifacts.list_artifacts(run_id=run_id)
     assert [a.path for a in artifacts] == ["ppl.png"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts live in the project, not in a DVC temp workspace
+
+
+def test_a_run_cut_off_midway_is_logged_again_next_time(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    variants = {v: {"ppl": 10.0} for v in VARIANTS}
+    params = {"algo": {"name": "rtn"}, "seed": 0}
+    real = mlflow.log_metrics
+    calls = []
+
+    def store_fails_on_the_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ConnectionError("store unreachable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", store_fails_on_the_third_call)
+    with pytest.raises(ConnectionError):
+        log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, variants, [])
+    monkeypatch.setattr(mlflow, "log_metrics", real)
+    assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, variants, []) is not None  # backfilled
+    assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, variants, []) is None  # and only once
+    runs = mlflow.search_runs(experiment_names=["quantorder"], filter_string="attributes.status = 'FINISHED'")
+    assert len(runs) == 1 + len(VARIANTS)

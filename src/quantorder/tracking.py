@@ -7,6 +7,7 @@ lock so that queued experiments never race on it. Identical results are never lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 from quantorder.config import TrackingCfg
 
 SUMMARY_TAG = "quantorder.summary_sha256"
+LOCK_TIMEOUT_S = 120  # waiting longer for another writer means the store is stuck
 
 
 def project_root() -> Path:
@@ -56,13 +58,18 @@ def log_experiment(
     variants: Mapping[str, Mapping[str, Any]],
     artifacts: list[Path],
 ) -> str | None:
-    """Log one experiment; return the parent run id, or None when this exact result is already logged."""
+    """Log one experiment; return the parent run id, or None when this exact result is already logged.
+
+    The result's digest is tagged last, so a run cut off midway (store failure, kill) counts as not
+    logged and the next `report` logs it again. A store locked by another writer for longer than
+    LOCK_TIMEOUT_S raises filelock's Timeout, which `report` turns into a warning.
+    """
     import mlflow
     from filelock import FileLock
 
     root = project_root()
     digest = hashlib.sha256(json.dumps([params, variants], sort_keys=True, default=str).encode()).hexdigest()
-    with FileLock(str(root / ".mlflow.lock")):
+    with FileLock(str(root / ".mlflow.lock"), timeout=LOCK_TIMEOUT_S):
         mlflow.set_tracking_uri(tracking_uri(cfg, root))
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         experiment_id = (
@@ -73,18 +80,36 @@ def log_experiment(
         if len(mlflow.search_runs([experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}'")):
             return None  # e.g. a run-cache restore of results already logged under another name
         name = run_name()
-        with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={SUMMARY_TAG: digest}) as parent:
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-            mlflow.log_metrics(_numeric({k: v for k, v in summary.items() if k != "algo"}))
-            for path in artifacts:
-                mlflow.log_artifact(str(path))
-            for variant, metrics in variants.items():
-                with mlflow.start_run(experiment_id=experiment_id, run_name=variant, nested=True):
-                    provenance = flatten(metrics.get("provenance") or {})
-                    mlflow.log_params({k: str(v)[:500] for k, v in provenance.items()})
-                    mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
-                    mlflow.set_tags({"variant": variant, "parent": name})
-        return parent.info.run_id
+        started: list[str] = []
+        try:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name) as parent:
+                started.append(parent.info.run_id)
+                mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+                mlflow.log_metrics(_numeric({k: v for k, v in summary.items() if k != "algo"}))
+                for path in artifacts:
+                    mlflow.log_artifact(str(path))
+                for variant, metrics in variants.items():
+                    with mlflow.start_run(experiment_id=experiment_id, run_name=variant, nested=True):
+                        provenance = flatten(metrics.get("provenance") or {})
+                        mlflow.log_params({k: str(v)[:500] for k, v in provenance.items()})
+                        mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
+                        mlflow.set_tags({"variant": variant, "parent": name})
+                mlflow.set_tag(SUMMARY_TAG, digest)  # complete: from now on this result counts as logged
+        except Exception:
+            if started:
+                _delete_partial(experiment_id, started[0])
+            raise
+        return started[0]
+
+
+def _delete_partial(experiment_id: str, parent_id: str) -> None:
+    """Best effort: hide a run cut off midway (and its nested runs) from the UI; the store may be down."""
+    import mlflow
+
+    with contextlib.suppress(Exception):
+        nested = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+        for run_id in [*nested["run_id"], parent_id]:
+            mlflow.delete_run(run_id)
 
 
 def log_comparison(cfg: TrackingCfg, data: Mapping[str, Any], artifacts: list[Path]) -> str:
@@ -93,7 +118,7 @@ def log_comparison(cfg: TrackingCfg, data: Mapping[str, Any], artifacts: list[Pa
     from filelock import FileLock
 
     root = project_root()
-    with FileLock(str(root / ".mlflow.lock")):
+    with FileLock(str(root / ".mlflow.lock"), timeout=LOCK_TIMEOUT_S):
         mlflow.set_tracking_uri(tracking_uri(cfg, root))
         mlflow.set_experiment(cfg.experiment)
         with mlflow.start_run(run_name="compare", tags={"kind": "comparison"}) as run:
