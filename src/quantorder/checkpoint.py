@@ -10,9 +10,6 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +17,14 @@ from typing import Any
 
 import torch
 
+from quantorder.io import atomic_file, json_sha256
+
 STATE_FILE = "state.pt"
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
-    """A short hash of everything that makes two runs the same run (JSON-serializable values)."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of everything that makes two runs the same run."""
+    return json_sha256(inputs)[:16]
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -68,10 +67,8 @@ class Checkpointer:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{STATE_FILE}.tmp-{os.getpid()}"
-        torch.save({**state, "tag": self.tag}, tmp)
-        tmp.replace(self.path)
+        with atomic_file(self.path) as tmp:
+            torch.save({**state, "tag": self.tag}, tmp)
 
     def clear(self) -> None:
         """Remove the checkpoints once the run's output is complete."""

@@ -215,7 +215,6 @@ def train_loop(
             if checkpoint and checkpoint.due(step, cfg.max_steps):
                 rngs = all_gather(rng_state(device))  # each process's dropout stream
                 if me == 0:
-                    log.flush()
                     checkpoint.save(
                         {
                             "step": step,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -40,13 +41,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.rename(path)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path that replaces `path` only if the block completes (else it is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
-    tmp.write_text(text)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def json_sha256(data: Any) -> str:
+    """SHA-256 of `data` as key-sorted JSON (values JSON cannot hold as their str)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:

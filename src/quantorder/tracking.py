@@ -8,14 +8,13 @@ lock so that queued experiments never race on it. Identical results are never lo
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from quantorder.config import TrackingCfg
+from quantorder.io import json_sha256
 
 SUMMARY_TAG = "quantorder.summary_sha256"
 LOCK_TIMEOUT_S = 120  # waiting longer for another writer means the store is stuck
@@ -68,7 +67,7 @@ def log_experiment(
     from filelock import FileLock
 
     root = project_root()
-    digest = hashlib.sha256(json.dumps([params, variants], sort_keys=True, default=str).encode()).hexdigest()
+    digest = json_sha256([params, variants])
     with FileLock(str(root / ".mlflow.lock"), timeout=LOCK_TIMEOUT_S):
         mlflow.set_tracking_uri(tracking_uri(cfg, root))
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
