@@ -102,23 +102,19 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens)))
         return
-    per_variant = {}
+    algo = load_config().algo
+    results = {"algo": f"{algo.name} {algo.bits}-bit g{algo.group_size}", "new_tokens": args.new_tokens, "variants": {}}
+    out = args.out
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens), "--batch-sizes"]
-        out = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True, check=True)
-        per_variant[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{variant}: {per_variant[variant]['decode_tokens_per_s']}", flush=True)
-    algo = load_config().algo
-    device = per_variant["base"]["device"]
-    results = {
-        "device": device,
-        "algo": f"{algo.name} {algo.bits}-bit g{algo.group_size}",
-        "new_tokens": args.new_tokens,
-        "variants": per_variant,
-    }
-    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    out = args.out or Path("benchmarks/results") / f"variants-{slug}.json"
-    write_json(out, results)
+        done = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True, check=True)
+        measured = results["variants"][variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{variant}: {measured['decode_tokens_per_s']}", flush=True)
+        if out is None:
+            slug = "".join(c if c.isalnum() else "-" for c in measured["device"].lower()).strip("-")
+            out = Path("benchmarks/results") / f"variants-{slug}.json"
+        results["device"] = measured["device"]
+        write_json(out, results)  # after every variant: a cut-off run keeps what it measured
     write_text(out.with_suffix(".md"), markdown(results))
     print(markdown(results))
 

@@ -55,6 +55,18 @@ def test_missing_weights(tiny_dir, tmp_path):
     _one_line_error(lambda: load_model(broken, "float32", CPU), r"incomplete or corrupt \(.*model.safetensors")
 
 
+def test_weights_missing_from_the_checkpoint(tiny_dir, tmp_path):
+    """A checkpoint lacking tensors of its architecture (another layout, a botched export) would
+    load with those layers randomly initialized: refused, naming one."""
+    from safetensors.torch import load_file, save_file
+
+    broken = _copy(tiny_dir, tmp_path)
+    state = load_file(broken / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    _one_line_error(lambda: load_model(broken, "float32", CPU), r"lacks 1 weights .*layers.1.mlp.up_proj.weight")
+
+
 def test_missing_tokenizer(tiny_dir, tmp_path):
     broken = _copy(tiny_dir, tmp_path)
     for f in broken.glob("tokenizer*"):

@@ -153,3 +153,23 @@ def test_hub_models_architectures_have_the_hub_checkpoints_sizes(tmp_path, model
     tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 4, 1000)
     meta = random_model(cfg.model.architecture, tok, seed=0, dtype=torch.bfloat16, device=torch.device("meta"))
     assert round(sum(p.numel() for p in meta.parameters()) / 1e9, 3) == billions
+
+
+@pytest.mark.parametrize("preset", ["olive-llama31-8b", "olive-phi35"])
+def test_olive_presets_adapt_every_linear_layer_of_their_model(tmp_path, preset):
+    """The study trains LoRA on all linear layers; Phi-3 names them differently (fused qkv_proj)."""
+    import torch
+
+    from quantorder.finetune import check_target_modules
+    from quantorder.models import random_model, train_tokenizer
+
+    cfg = parse_config(_compose(tmp_path, f"+experiment={preset}", "model.source=random"))
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 4, 1000)
+    meta = random_model(cfg.model.architecture, tok, seed=0, dtype=torch.bfloat16, device=torch.device("meta"))
+    check_target_modules(meta, cfg.finetune.target_modules)
+    linear = {n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linear - {"lm_head"} == set(cfg.finetune.target_modules)
+    if preset == "olive-phi35":  # Llama's names would train o_proj and down_proj alone: refused
+        llama_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        with pytest.raises(UserError, match=r"q_proj, k_proj, v_proj, gate_proj, up_proj not in this model"):
+            check_target_modules(meta, llama_names)

@@ -58,6 +58,8 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert set(summary["ppl"]) == set(VARIANTS) and summary["gap_to_ft"]["ft"] == 0
     assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q"}
+    shared = {"ppl_definition", "seed", "git_commit", "versions", "data_sha256", "base_sha256"}
+    assert shared <= set(summary["provenance"])
     assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}  # paired-bootstrap intervals
     assert metrics["q_ft_merge_q"]["update_survival"]["per_layer"]
     assert (project / "reports/ppl.png").read_bytes()[:4] == b"\x89PNG"
@@ -72,9 +74,9 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
 
     # the grid of the other algorithms, queued: each experiment runs only its quantization chain
     run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,awq"], project)
-    run(["dvc", "queue", "start"], project)
-    names = _wait_for_queue(project)
-    assert len(names) == 2
+    run(["dvc", "queue", "start", "-j", "2"], project)  # both at once: one MLflow store, one run-cache
+    names, most_at_once = _wait_for_queue(project)
+    assert len(names) == 2 and most_at_once == 2
     for name in names:
         assert executed(run(["dvc", "queue", "logs", name], project)) == QUANT_CHAIN | {"report"}, name
     shown = _experiment_summaries(project)
@@ -99,6 +101,9 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert len(parents) == 3 and len(runs) == 3 + 3 * len(VARIANTS)
     assert set(runs["tags.mlflow.runName"]) >= set(VARIANTS)
+    assert parents["params.provenance.git_commit"].notna().all() and parents["params.provenance.seed"].eq("0").all()
+    nested = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert nested["tags.ppl_definition"].notna().all() and nested["params.data_sha256"].notna().all()
 
     # the cross-experiment grid: the three algorithms from `dvc exp show`, and one MLflow comparison run
     verdict = run([sys.executable, "-m", "quantorder", "compare"], project)
@@ -112,18 +117,43 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert len(compared) == 1 and compared["metrics.rtn_4-bit_g32.q_ft.ppl_mean"].notna().all()
 
 
-def _wait_for_queue(project: Path, timeout_s: float = 1200) -> list[str]:
-    """Wait until no queued experiment is waiting or running; the names of those that ran (all must succeed)."""
-    deadline = time.monotonic() + timeout_s
+TIMINGS = {"peak_mem_bytes", "eval_tokens_per_s", "eval_seconds"}
+
+
+def _numbers(project: Path) -> dict:
+    """Every variant's metrics and per-example NLL, without timings and the repo's own commit."""
+    numbers = {}
+    for v in VARIANTS:
+        metrics = json.loads((project / "metrics/eval" / f"{v}.json").read_text())
+        m = {k: x for k, x in metrics.items() if k not in TIMINGS}
+        m["provenance"].pop("git_commit")
+        numbers[v] = (m, (project / "metrics/eval" / f"{v}.samples.csv").read_text())
+    return numbers
+
+
+def test_same_config_and_seed_give_identical_metrics_in_a_fresh_clone(project, tmp_path):
+    """Determinism on a CPU: the workspace's AWQ results, computed by the queued experiment and
+    restored from the run-cache, against a fresh copy of the project running the same config."""
+    assert json.loads((project / "metrics/summary.json").read_text())["algo"].startswith("awq")
+    fresh = make_project(tmp_path / "fresh")
+    run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=awq"], fresh)
+    assert _numbers(fresh) == _numbers(project)  # model hashes included: the same checkpoints, byte for byte
+
+
+def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], int]:
+    """Wait until no queued experiment is waiting or running; the names of those that ran (all must
+    succeed) and the most that were running at once."""
+    deadline, most_at_once = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
         lines = run(["dvc", "queue", "status"], project).splitlines()
         tasks = [
             row.split() for row in lines[1:] if row.split()[-1:] in (["Queued"], ["Running"], ["Success"], ["Failed"])
         ]
+        most_at_once = max(most_at_once, sum(t[-1] == "Running" for t in tasks))
         if tasks and not any(t[-1] in ("Queued", "Running") for t in tasks):
             assert all(t[-1] == "Success" for t in tasks), tasks
-            return [t[1] for t in tasks]
-        time.sleep(5)
+            return [t[1] for t in tasks], most_at_once
+        time.sleep(2)
     raise AssertionError("queued experiments did not finish in time")
 
 

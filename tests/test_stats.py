@@ -30,6 +30,9 @@ def test_pairing_needs_the_same_examples():
         paired_gap_ci((TOKENS, FT), (TOKENS + 1, FT))
 
 
+PROVENANCE = {"seed": 3, "git_commit": "abc", "versions": {"torch": "x"}, "data_sha256": "d", "base_sha256": "b"}
+
+
 def test_report_carries_intervals_into_summary_and_table(tmp_path):
     shift = {"base": 0.6, "base_q": 0.8, "ft": 0.0, "ft_q": 0.1, "ft_merge_q": 0.1, "q_ft": 0.0, "q_ft_merge_q": 0.5}
     metrics = {}
@@ -40,9 +43,11 @@ def test_report_carries_intervals_into_summary_and_table(tmp_path):
         (tmp_path / f"{v}.samples.csv").write_text("tokens,nll\n" + rows)
         ppl = float(np.exp(nll.sum() / TOKENS.sum()))
         metrics[v] = {"ppl": ppl, "size_bytes": 1, "bits_per_param": 4.0, "eval_tokens_per_s": 1.0, "peak_mem_bytes": 1}
+        metrics[v] |= {"ppl_definition": "corpus", "provenance": {**PROVENANCE, "model_sha256": v}}
     tokens, nll = read_samples(tmp_path / "q_ft.samples.csv")
     assert tokens.shape == nll.shape == (120,)
     summary = summarize(metrics, "rtn 4-bit g64", gap_intervals(tmp_path))
+    assert summary["provenance"] == {"ppl_definition": "corpus", **PROVENANCE}  # shared by all; per-model hashes not
     assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}
     assert summary["gap_to_ft_significant"]["base_q"] and not summary["gap_to_ft_significant"]["q_ft"]
     low, high = summary["gap_to_ft_ci95_pct"]["base_q"]

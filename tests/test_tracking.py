@@ -22,13 +22,15 @@ def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):
     chart = tmp_path / "ppl.png"
     chart.write_bytes(b"\x89PNG fake")
     variants = {
-        v: {"ppl": 10.0 + i, "provenance": {"seed": 0, "versions": {"torch": "x"}}} for i, v in enumerate(VARIANTS)
+        v: {"ppl": 10.0 + i, "ppl_definition": "corpus", "provenance": {"seed": 0, "versions": {"torch": "x"}}}
+        for i, v in enumerate(VARIANTS)
     }
     params = {"algo": {"name": "rtn", "bits": 4}, "seed": 0}
-    run_id = log_experiment(TrackingCfg(), params, {"ppl": {"ft": 12.0}}, variants, [chart])
+    summary = {"ppl": {"ft": 12.0}, "provenance": {"git_commit": "abc", "data_sha256": "d"}}
+    run_id = log_experiment(TrackingCfg(), params, summary, variants, [chart])
     assert run_id is not None
     monkeypatch.setenv("DVC_EXP_NAME", "exp-b")  # same results under another name: not logged again
-    assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 12.0}}, variants, [chart]) is None
+    assert log_experiment(TrackingCfg(), params, summary, variants, [chart]) is None
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["quantorder"])
@@ -38,7 +40,8 @@ def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):
     assert parent["metrics.ppl.ft"] == pytest.approx(12.0)
     child = runs[runs["tags.mlflow.runName"] == "q_ft"].iloc[0]
     assert child["tags.mlflow.parentRunId"] == run_id and child["metrics.ppl"] == pytest.approx(15.0)
-    assert child["params.versions.torch"] == "x"
+    assert child["params.versions.torch"] == "x" and child["tags.ppl_definition"] == "corpus"
+    assert parent["params.provenance.git_commit"] == "abc" and parent["params.provenance.data_sha256"] == "d"
     artifacts = mlflow.artifacts.list_artifacts(run_id=run_id)
     assert [a.path for a in artifacts] == ["ppl.png"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts live in the project, not in a DVC temp workspace
@@ -49,7 +52,7 @@ def test_a_run_cut_off_midway_is_logged_again_next_time(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    variants = {v: {"ppl": 10.0} for v in VARIANTS}
+    variants = {v: {"ppl": 10.0, "ppl_definition": "corpus"} for v in VARIANTS}
     params = {"algo": {"name": "rtn"}, "seed": 0}
     real = mlflow.log_metrics
     calls = []

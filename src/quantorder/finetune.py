@@ -57,10 +57,26 @@ def apply_liger_kernel(model) -> bool:
     return True
 
 
+def check_target_modules(model, targets: list[str]) -> None:
+    """Raise a UserError naming every target that is no module of `model`. PEFT adapts the targets
+    it finds and silently skips the others (Phi-3 fuses q/k/v into `qkv_proj`), which would train
+    a fraction of the layers asked for."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in leaves if hasattr(m, "in_features")})
+        raise UserError(
+            f"finetune.target_modules={targets}: {', '.join(missing)} not in this model; its linear layers: "
+            + ", ".join(linear)
+        )
+
+
 def setup_model(model, cfg: FinetuneCfg, seed: int):
     """Wrap `model` with fresh LoRA adapters (seeded init); the base stays frozen."""
     from peft import LoraConfig, get_peft_model
 
+    check_target_modules(model, cfg.target_modules)
     if cfg.liger_kernel and apply_liger_kernel(model):
         print("[finetune] Liger kernels on", flush=True)
     torch.manual_seed(seed)

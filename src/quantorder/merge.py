@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from quantorder.models import is_quantized, load_model
+from quantorder.models import is_quantized, load_model, model_config
 
 
 def is_int_linear(module: torch.nn.Module) -> bool:
@@ -60,10 +60,17 @@ def dequantize(model, dtype: torch.dtype):
     for name, tensor in model.state_dict().items():
         if not name.startswith(tuple(quant_prefixes)):
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    float_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = float_model.load_state_dict(state, strict=False)
+    with torch.device("meta"):  # no random init of weights the state replaces
+        float_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = float_model.load_state_dict(state, strict=False, assign=True)
+    buffers = dict(model.named_buffers())  # non-persistent ones (rotary frequencies) are in no state dict
+    for name, buffer in list(float_model.named_buffers()):
+        if buffer.is_meta and name in buffers:
+            module, _, leaf = name.rpartition(".")
+            float_model.get_submodule(module).register_buffer(leaf, buffers[name].clone(), persistent=False)
     tied = set(getattr(float_model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    missing += [n for n, t in [*float_model.named_parameters(), *float_model.named_buffers()] if t.is_meta]
     if missing or unexpected:
         raise RuntimeError(
             f"dequantized state does not match the float architecture: missing {missing}, unexpected {unexpected}"
@@ -85,16 +92,11 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, device: torch.d
     return merged
 
 
-def linear_weights(model_dir: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Float32 (out, in) weights of the linear layers of a model dir, dequantized where int-packed.
-
-    Without `names`: the layers that are int-packed in this dir (all nn.Linear if none are).
-    """
-    model = load_model(model_dir, "float32", torch.device("cpu"))
-    modules = dict(model.named_modules())
-    if names is None:
-        names = [n for n, m in modules.items() if is_int_linear(m)]
-    return {n: linear_weight(modules[n]).detach().float() for n in names}
+def _linear_layers(model_dir: Path) -> dict[str, torch.nn.Module]:
+    """The modules of a model dir on the CPU: int-packed ones with float32 scales (their packed ints
+    stay compact), float ones in their stored dtype (bf16 widens to float32 exactly, layer by layer)."""
+    dtype = "float32" if is_quantized(model_dir) else model_config(model_dir).get("dtype", "float32")
+    return dict(load_model(model_dir, dtype, torch.device("cpu")).named_modules())
 
 
 def update_survival(before_q: Path, source: Path, merged: Path, after_q: Path) -> dict:
@@ -102,17 +104,20 @@ def update_survival(before_q: Path, source: Path, merged: Path, after_q: Path) -
 
     dW = merged - source is the float update; dQ = Q(merged) - Q(source) is what the quantized
     model actually changed. `kept` = <dQ, dW> / ||dW||^2 (1: the update survives, 0: it rounded
-    away) and `norm_ratio` = ||dQ|| / ||dW||.
+    away) and `norm_ratio` = ||dQ|| / ||dW||. Layers are widened to float32 one at a time, so
+    memory stays near the four models' stored size.
     """
-    after = linear_weights(after_q)
-    names = list(after)
-    before, new = linear_weights(before_q, names), linear_weights(merged, names)
-    src = before if source == before_q else linear_weights(source, names)  # q_ft_merge_q started from Q(W)
+    after = _linear_layers(after_q)
+    before = _linear_layers(before_q)
+    new = _linear_layers(merged)
+    src = before if source == before_q else _linear_layers(source)  # q_ft_merge_q started from Q(W)
     per_layer, dots, dw_sq, dq_sq = {}, 0.0, 0.0, 0.0
-    for n in names:
-        dw, dq = new[n] - src[n], after[n] - before[n]
-        dot, w2, q2 = (dq * dw).sum().item(), dw.pow(2).sum().item(), dq.pow(2).sum().item()
-        per_layer[n] = {"kept": dot / w2 if w2 else 0.0, "norm_ratio": (q2 / w2) ** 0.5 if w2 else 0.0}
-        dots, dw_sq, dq_sq = dots + dot, dw_sq + w2, dq_sq + q2
+    with torch.no_grad():
+        for n in [n for n, m in after.items() if is_int_linear(m)]:
+            weight = lambda modules: linear_weight(modules[n]).float()  # noqa: E731
+            dw, dq = weight(new) - weight(src), weight(after) - weight(before)
+            dot, w2, q2 = (dq * dw).sum().item(), dw.pow(2).sum().item(), dq.pow(2).sum().item()
+            per_layer[n] = {"kept": dot / w2 if w2 else 0.0, "norm_ratio": (q2 / w2) ** 0.5 if w2 else 0.0}
+            dots, dw_sq, dq_sq = dots + dot, dw_sq + w2, dq_sq + q2
     overall = {"kept": dots / dw_sq, "norm_ratio": (dq_sq / dw_sq) ** 0.5}
     return {"overall": overall, "per_layer": per_layer}

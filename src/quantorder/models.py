@@ -246,7 +246,10 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device, training
     with warnings.catch_warnings():  # passing a config only to pick the kernel is intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         with _unreadable_model_dir(model_dir):
-            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:  # transformers would run them with random weights
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"model dir {model_dir} lacks {len(missing)} weights of its architecture ({missing[0]}, ...)")
     return model.to(device)
 
 

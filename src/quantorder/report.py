@@ -47,7 +47,15 @@ def summarize(metrics: dict[str, dict], algo_label: str, intervals: dict[str, di
         "update_kept": {
             v: round(m["update_survival"]["overall"]["kept"], 4) for v, m in metrics.items() if m.get("update_survival")
         },
+        "provenance": shared_provenance(metrics),
     }
+
+
+def shared_provenance(metrics: dict[str, dict]) -> dict:
+    """What every variant's numbers rest on: seed, perplexity definition, code, libraries, data and base."""
+    ft = metrics["ft"]
+    keys = ("seed", "git_commit", "versions", "data_sha256", "base_sha256")
+    return {"ppl_definition": ft["ppl_definition"], **{k: ft["provenance"][k] for k in keys}}
 
 
 def plot_rows(summary: dict) -> list[dict]:

@@ -83,8 +83,9 @@ def log_experiment(
         try:
             with mlflow.start_run(experiment_id=experiment_id, run_name=name) as parent:
                 started.append(parent.info.run_id)
-                mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-                mlflow.log_metrics(_numeric({k: v for k, v in summary.items() if k != "algo"}))
+                shared = {"provenance": summary.get("provenance", {})}  # seed, definition, commit, versions, hashes
+                mlflow.log_params({k: str(v)[:500] for k, v in flatten({**params, **shared}).items()})
+                mlflow.log_metrics(_numeric({k: v for k, v in summary.items() if k not in ("algo", "provenance")}))
                 for path in artifacts:
                     mlflow.log_artifact(str(path))
                 for variant, metrics in variants.items():
@@ -92,7 +93,8 @@ def log_experiment(
                         provenance = flatten(metrics.get("provenance") or {})
                         mlflow.log_params({k: str(v)[:500] for k, v in provenance.items()})
                         mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
-                        mlflow.set_tags({"variant": variant, "parent": name})
+                        tags = {"variant": variant, "parent": name, "ppl_definition": metrics["ppl_definition"]}
+                        mlflow.set_tags(tags)
                 mlflow.set_tag(SUMMARY_TAG, digest)  # complete: from now on this result counts as logged
         except Exception:
             if started:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from quantorder.errors import UserError
 from quantorder.merge import dequantize
 from quantorder.models import load_model
+from quantorder.provenance import hash_dir
 from quantorder.quantize import ALGORITHMS, get_quantizer
 from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
 
@@ -75,3 +76,10 @@ def test_eight_bit_is_closer_than_four_bit(tmp_path, tiny_dir, rtn_dir):
 def test_group_size_must_divide_every_input_width(tmp_path, tiny_dir):
     with pytest.raises(UserError, match=r"algo.group_size=256 does not divide the input width 128"):
         RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=256)).quantize(tiny_dir, None, tmp_path / "x", "float32")
+
+
+def test_quantizing_twice_gives_the_same_checkpoint_hash(tmp_path, tiny_dir, rtn_dir):
+    """No scratch path or other run detail in the saved configs: provenance hashes are reproducible."""
+    again = tmp_path / "again"
+    RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=32)).quantize(tiny_dir, None, again, "float32")
+    assert hash_dir(again) == hash_dir(rtn_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from quantorder.errors import UserError
 from quantorder.io import captured_output
 from quantorder.models import set_gptqmodel_workers
 from quantorder.progress import Progress
+from quantorder.quantize.fused import fuse_split_layers
 
 BACKEND_LOG = "backend.log"
 
@@ -45,6 +47,17 @@ def layer_progress(model: torch.nn.Module, desc: str, out: TextIO) -> Iterator[N
             handle.remove()
         bar.update(len(layers))
         bar.close()
+
+
+def drop_scratch_path(out_dir: Path) -> None:
+    """Blank the temp dir GPTQModel offloaded layers to, which it records in the checkpoint's configs:
+    a scratch path is no property of the model, and it gave every run of one quantization another hash."""
+    for path in (out_dir / "config.json", out_dir / "quantize_config.json"):
+        config = json.loads(path.read_text())
+        meta = config.get("quantization_config", config).get("meta") or {}
+        if meta.get("offload_to_disk_path") is not None:
+            meta["offload_to_disk_path"] = None
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class Quantizer(ABC):
@@ -125,9 +138,12 @@ class GPTQModelQuantizer(Quantizer):
             with layer_progress(model.model, f"[quantize] {self.name}", console):
                 extra = self.run(model, calibration, out_dir)
             model.save(str(out_dir))
+        drop_scratch_path(out_dir)
+        fused = fuse_split_layers(out_dir)
         return {
             "backend": self.backend,
             "backend_version": importlib.metadata.version("gptqmodel"),
             "dtype": dtype,
+            **({"fused_after_saving": len(fused)} if fused else {}),
             **extra,
         }
