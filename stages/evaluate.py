@@ -11,7 +11,7 @@ from quantorder.evaluate import PPL_DEFINITIONS, footprint, measure, quantized_b
 from quantorder.io import read_json, write_json, write_text
 from quantorder.layout import BASE_DIR, EVAL_DIR, QA_DIR, VARIANTS
 from quantorder.models import PROVENANCE_FILE, check_seq_len, load_model, load_tokenizer, resolve_device
-from quantorder.provenance import git_commit, hash_dir, library_versions
+from quantorder.provenance import git_commit, hash_adapter, library_versions
 
 
 def main() -> str:
@@ -47,7 +47,7 @@ def main() -> str:
             "eval": as_dict(cfg.eval),
             "algo": as_dict(cfg.algo) if variant.quantized else None,
             "model_sha256": model_info["sha256"],
-            "adapter_sha256": hash_dir(variant.adapter) if variant.adapter else None,
+            "adapter_sha256": hash_adapter(variant.adapter) if variant.adapter else None,
             "base_sha256": base_info["sha256"],
             "data_sha256": read_json(QA_DIR / "manifest.json")["sha256"],
             "git_commit": git_commit(),

@@ -74,9 +74,11 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
 
     # the grid of the other algorithms, queued: each experiment runs only its quantization chain
     run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,awq"], project)
-    run(["dvc", "queue", "start", "-j", "2"], project)  # both at once: one MLflow store, one run-cache
+    # two workers: both experiments at once, one MLflow store and one run-cache between them
+    # (`dvc queue start` returns when the queue is empty: started aside, so the queue can be watched)
+    starter = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=project, env=env(), stdout=subprocess.DEVNULL)
     names, most_at_once = _wait_for_queue(project)
-    assert len(names) == 2 and most_at_once == 2
+    assert starter.wait() == 0 and len(names) == 2 and most_at_once == 2
     for name in names:
         assert executed(run(["dvc", "queue", "logs", name], project)) == QUANT_CHAIN | {"report"}, name
     shown = _experiment_summaries(project)

@@ -1,8 +1,9 @@
 """A killed stage loses nothing: `dvc repro` afterwards ends with the numbers of a run never killed.
 
-On the tiny model, in two copies of the project: one runs the float chain undisturbed; in the other
-the first `dvc repro` is SIGKILLed (its whole process group, as a lost machine would be) partway
-through one stage, and a second `dvc repro` finishes the job.
+On the tiny model, in two copies of the project: one runs a chain undisturbed (the float chain, or
+the chain to `ft_merge_q`, which adds calibrate, merge and quantize); in the other the first
+`dvc repro` is SIGKILLed (its whole process group, as a lost machine would be) partway through one
+stage, and a second `dvc repro` finishes the job.
 """
 
 from __future__ import annotations
@@ -58,11 +59,11 @@ def _outputs(project: Path) -> dict:
     }
 
 
-def _kill_during(project: Path, ready, log: Path) -> None:
-    """Start `dvc repro` and SIGKILL its process group once `ready()` holds; it must still be running."""
+def _kill_during(project: Path, ready, log: Path, target: str = TARGET) -> None:
+    """Start `dvc repro target` and SIGKILL its process group once `ready()` holds; it must still be running."""
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["dvc", "repro", TARGET],
+            ["dvc", "repro", target],
             cwd=project,
             env=env(),
             stdout=out,
@@ -97,16 +98,61 @@ def test_killed_finetune_resumes_from_its_checkpoint_and_ends_identical(clean, t
     _same(_outputs(project), clean)
 
 
-@pytest.mark.parametrize("stage", ["prepare", "evaluate@ft"])
-def test_killed_stage_reruns_to_the_same_numbers(clean, stage, tmp_path):
-    project, log, started = _project(tmp_path / "project"), tmp_path / "log", []
+def _into_stage(log: Path, stage: str, seconds: float = 1.5):
+    """A `ready()` that holds `seconds` into the stage's own process: loading or computing, not yet written."""
+    started: list[float] = []
 
-    def ready() -> bool:  # 1.5 s into the stage's own process: loading or computing, not yet written
+    def ready() -> bool:
         if not started and f"Running stage '{stage}'" in log.read_text():
             started.append(time.monotonic())
-        return bool(started) and time.monotonic() - started[0] > 1.5
+        return bool(started) and time.monotonic() - started[0] > seconds
 
-    _kill_during(project, ready, log)
+    return ready
+
+
+@pytest.mark.parametrize("stage", ["prepare", "evaluate@ft"])
+def test_killed_stage_reruns_to_the_same_numbers(clean, stage, tmp_path):
+    project, log = _project(tmp_path / "project"), tmp_path / "log"
+    _kill_during(project, _into_stage(log, stage), log)
     rerun = run(["dvc", "repro", TARGET], project)
     assert stage in executed(rerun)
     _same(_outputs(project), clean)
+
+
+MERGED_TARGET = "evaluate@ft_merge_q"  # adds calibrate, merge@ft, quantize@base_q and quantize@ft_merge_q
+
+
+def _merged_outputs(project: Path) -> dict:
+    """The requantized merged model's hash, evaluation and LoRA-update measurement (no timings)."""
+    metrics = json.loads((project / "metrics/eval/ft_merge_q.json").read_text())
+    made = json.loads((project / "models/quantized/ft_merge_q/quantorder.json").read_text())
+    return {
+        "ppl": (metrics["ppl"], metrics["n_tokens"]),
+        "samples": (project / "metrics/eval/ft_merge_q.samples.csv").read_text(),
+        "model_sha256": metrics["provenance"]["model_sha256"],
+        "update_survival": made["update_survival"],
+    }
+
+
+@pytest.fixture(scope="module")
+def clean_merged(tmp_path_factory) -> dict:
+    project = _project(tmp_path_factory.mktemp("clean_merged"))
+    run(["dvc", "repro", MERGED_TARGET], project)
+    return _merged_outputs(project)
+
+
+@pytest.mark.parametrize(
+    "stage,out",
+    [
+        ("calibrate", "data/calibration"),
+        ("merge@ft", "models/merged/ft"),
+        ("quantize@ft_merge_q", "models/quantized/ft_merge_q"),
+    ],
+)
+def test_killed_quantization_chain_stage_reruns_to_the_same_numbers(clean_merged, stage, out, tmp_path):
+    project, log = _project(tmp_path / "project"), tmp_path / "log"
+    _kill_during(project, _into_stage(log, stage, seconds=1.0), log, MERGED_TARGET)
+    assert f"Running stage '{stage}'" in log.read_text() and not (project / out).exists()  # killed mid-stage
+    rerun = run(["dvc", "repro", MERGED_TARGET], project)
+    assert stage in executed(rerun)
+    assert _merged_outputs(project) == clean_merged

@@ -71,3 +71,22 @@ def test_a_run_cut_off_midway_is_logged_again_next_time(tmp_path, monkeypatch):
     assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, variants, []) is None  # and only once
     runs = mlflow.search_runs(experiment_names=["quantorder"], filter_string="attributes.status = 'FINISHED'")
     assert len(runs) == 1 + len(VARIANTS)
+
+
+def test_runs_left_open_by_a_killed_report_are_removed_when_it_is_logged_again(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    variants = {v: {"ppl": 10.0, "ppl_definition": "corpus"} for v in VARIANTS}
+    params = {"algo": {"name": "rtn"}, "seed": 0}
+    log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, {"ft": variants["ft"]}, [])  # the store exists
+    experiment = mlflow.get_experiment_by_name("quantorder")
+    client = MlflowClient()
+    killed = client.create_run(experiment.experiment_id, run_name="workspace")  # open: its writer died
+    client.create_run(experiment.experiment_id, tags={"mlflow.parentRunId": killed.info.run_id})
+    assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, variants, []) is not None
+    runs = mlflow.search_runs(experiment_names=["quantorder"])
+    assert (runs["status"] == "FINISHED").all() and len(runs) == (1 + 1) + (1 + len(VARIANTS))
+    assert client.get_run(killed.info.run_id).info.lifecycle_stage == "deleted"

@@ -114,8 +114,8 @@ def update_survival(before_q: Path, source: Path, merged: Path, after_q: Path) -
     per_layer, dots, dw_sq, dq_sq = {}, 0.0, 0.0, 0.0
     with torch.no_grad():
         for n in [n for n, m in after.items() if is_int_linear(m)]:
-            weight = lambda modules: linear_weight(modules[n]).float()  # noqa: E731
-            dw, dq = weight(new) - weight(src), weight(after) - weight(before)
+            w_new, w_src, w_after, w_before = (linear_weight(m[n]).float() for m in (new, src, after, before))
+            dw, dq = w_new - w_src, w_after - w_before
             dot, w2, q2 = (dq * dw).sum().item(), dw.pow(2).sum().item(), dq.pow(2).sum().item()
             per_layer[n] = {"kept": dot / w2 if w2 else 0.0, "norm_ratio": (q2 / w2) ** 0.5 if w2 else 0.0}
             dots, dw_sq, dq_sq = dots + dot, dw_sq + w2, dq_sq + q2

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from quantorder.io import json_sha256, read_json
+
 LIBRARIES = (
     "torch", "transformers", "peft", "gptqmodel", "optimum", "liger-kernel", "sympy", "datasets", "dvc", "mlflow",
     "hydra-core",
@@ -67,3 +69,13 @@ def hash_dir(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".js
         h.update(str(f.relative_to(root)).encode())
         h.update(hash_file(f).encode())
     return h.hexdigest()
+
+
+def hash_adapter(adapter_dir: str | Path) -> str:
+    """sha256 of a PEFT adapter: its weights and its config, not its training log (which holds
+    timings). PEFT writes `target_modules` from a set, in an order that changes from run to run:
+    hashed sorted."""
+    config = read_json(Path(adapter_dir) / "adapter_config.json")
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return json_sha256([hash_dir(adapter_dir, suffixes=(".safetensors",)), config])

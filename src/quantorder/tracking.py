@@ -76,6 +76,7 @@ def log_experiment(
             if experiment
             else mlflow.create_experiment(cfg.experiment, artifact_location=(root / "mlartifacts").as_uri())
         )
+        _delete_killed(experiment_id)
         if len(mlflow.search_runs([experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}'")):
             return None  # e.g. a run-cache restore of results already logged under another name
         name = run_name()
@@ -101,6 +102,15 @@ def log_experiment(
                 _delete_partial(experiment_id, started[0])
             raise
         return started[0]
+
+
+def _delete_killed(experiment_id: str) -> None:
+    """Delete runs still open: a writer holds the store lock while its runs are open, so these are
+    what a killed `report` left (its result counts as not logged and is logged again)."""
+    import mlflow
+
+    for run in mlflow.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", output_format="list"):
+        mlflow.delete_run(run.info.run_id)
 
 
 def _delete_partial(experiment_id: str, parent_id: str) -> None:
