@@ -82,7 +82,7 @@ def log_experiment(
         name = run_name()
         started: list[str] = []
         try:
-            with mlflow.start_run(experiment_id=experiment_id, run_name=name) as parent:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={"kind": "experiment"}) as parent:
                 started.append(parent.info.run_id)
                 shared = {"provenance": summary.get("provenance", {})}  # seed, definition, commit, versions, hashes
                 mlflow.log_params({k: str(v)[:500] for k, v in flatten({**params, **shared}).items()})
@@ -90,7 +90,9 @@ def log_experiment(
                 for path in artifacts:
                     mlflow.log_artifact(str(path))
                 for variant, metrics in variants.items():
-                    with mlflow.start_run(experiment_id=experiment_id, run_name=variant, nested=True):
+                    with mlflow.start_run(
+                        experiment_id=experiment_id, run_name=variant, nested=True, tags={"kind": "variant"}
+                    ):
                         provenance = flatten(metrics.get("provenance") or {})
                         mlflow.log_params({k: str(v)[:500] for k, v in provenance.items()})
                         mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
@@ -105,12 +107,15 @@ def log_experiment(
 
 
 def _delete_killed(experiment_id: str) -> None:
-    """Delete runs still open: a writer holds the store lock while its runs are open, so these are
-    what a killed `report` left (its result counts as not logged and is logged again)."""
+    """Delete report runs still open: a report holds the store lock while its runs are open, so these
+    are what a killed `report` left (its result counts as not logged and is logged again). Runs
+    that others log in the same MLflow experiment are left alone."""
     import mlflow
 
-    for run in mlflow.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", output_format="list"):
-        mlflow.delete_run(run.info.run_id)
+    for kind in ("experiment", "variant"):
+        query = f"attributes.status = 'RUNNING' and tags.kind = '{kind}'"
+        for run in mlflow.search_runs([experiment_id], filter_string=query, output_format="list"):
+            mlflow.delete_run(run.info.run_id)
 
 
 def _delete_partial(experiment_id: str, parent_id: str) -> None:
