@@ -68,6 +68,9 @@ def test_unknown_target_module_is_a_clear_error(tiny_dir):
 
     with pytest.raises(UserError, match=r"finetune.target_modules=\['qkv_proj'\]"):
         setup_model(load_model(tiny_dir, "float32", CPU), FinetuneCfg(target_modules=["qkv_proj"]), 0)
+    # PEFT's own matching: a dotted suffix names a module too
+    model = setup_model(load_model(tiny_dir, "float32", CPU), FinetuneCfg(target_modules=["mlp.down_proj"]), 0)
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == {"down_proj"}
 
 
 class _KilledAfterSaving(Checkpointer):

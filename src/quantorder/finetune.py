@@ -61,8 +61,16 @@ def check_target_modules(model, targets: list[str]) -> None:
     """Raise a UserError naming every target that is no module of `model`. PEFT adapts the targets
     it finds and silently skips the others (Phi-3 fuses q/k/v into `qkv_proj`), which would train
     a fraction of the layers asked for."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists  # PEFT's own name matching
+
+    names = [name for name, _ in model.named_modules()]
+
+    def found(target: str) -> bool:
+        config = LoraConfig(target_modules=[target])
+        return any(check_target_module_exists(config, name) for name in names)
+
+    missing = [t for t in targets if not found(t)]
     if missing:
         leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in leaves if hasattr(m, "in_features")})
