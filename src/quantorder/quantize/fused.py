@@ -47,25 +47,23 @@ def fuse_split_layers(model_dir: Path) -> list[str]:
 
     first_halves = {first: target for target, (first, _) in FUSED.items()}  # gate_proj -> gate_up_proj
     files = sorted(model_dir.glob("*.safetensors"))
-    names = {key.rpartition(".")[0].rpartition(".")[2] for f in files for key in safe_open(f, "pt").keys()}
-    if not names & first_halves.keys():
-        return []
-    state = {k: v for f in files for k, v in load_file(f).items()}
-    modules = _module_names(model_dir)
-    fused: list[str] = []
-    for key in list(state):
+    keys = [key for f in files for key in safe_open(f, "pt").keys()]
+    candidates = [k for k in keys if k.rpartition(".")[0].rpartition(".")[2] in first_halves]
+    modules = _module_names(model_dir) if candidates else set()
+    pairs = []  # (first half's key, second half's key, fused key), decided from names alone
+    for key in candidates:
         module, _, tensor = key.rpartition(".")
         parent, _, name = module.rpartition(".")
-        target = first_halves.get(name)
-        if target is None or f"{parent}.{target}" not in modules:
-            continue
-        second = f"{parent}.{FUSED[target][1]}.{tensor}"
-        state[f"{parent}.{target}.{tensor}"] = _fuse(state.pop(key), state.pop(second), tensor, key)
-        fused.append(f"{parent}.{target}")
-    if not fused:
+        target = first_halves[name]
+        if f"{parent}.{target}" in modules:
+            pairs.append((key, f"{parent}.{FUSED[target][1]}.{tensor}", f"{parent}.{target}.{tensor}"))
+    if not pairs:  # the architecture fuses nothing the checkpoint holds split: its weights are not read
         return []
+    state = {k: v for f in files for k, v in load_file(f).items()}
+    for first, second, fused_key in pairs:
+        state[fused_key] = _fuse(state.pop(first), state.pop(second), fused_key.rpartition(".")[2], first)
     for f in files:
         f.unlink()
     (model_dir / WEIGHTS_INDEX).unlink(missing_ok=True)
     save_torch_state_dict(state, model_dir, metadata={"format": "pt"})
-    return sorted(set(fused))
+    return sorted({fused_key.rpartition(".")[0] for _, _, fused_key in pairs})
