@@ -62,21 +62,20 @@ def dequantize(model, dtype: torch.dtype):
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     with torch.device("meta"):  # no random init of weights the state replaces
         float_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = float_model.load_state_dict(state, strict=False, assign=True)
+    _, unexpected = float_model.load_state_dict(state, strict=False, assign=True)
     buffers = dict(model.named_buffers())  # non-persistent ones (rotary frequencies) are in no state dict
     for name, buffer in list(float_model.named_buffers()):
         if buffer.is_meta and name in buffers:
             module, _, leaf = name.rpartition(".")
             float_model.get_submodule(module).register_buffer(leaf, buffers[name].clone(), persistent=False)
-    tied = set(getattr(float_model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and "lm_head" not in k]
-    missing += [n for n, t in [*float_model.named_parameters(), *float_model.named_buffers()] if t.is_meta]
+    if config.tie_word_embeddings:
+        float_model.tie_weights()
+    # whatever the state left unset is still on the meta device (tied weights are set by now)
+    missing = [n for n, t in [*float_model.named_parameters(), *float_model.named_buffers()] if t.is_meta]
     if missing or unexpected:
         raise RuntimeError(
             f"dequantized state does not match the float architecture: missing {missing}, unexpected {unexpected}"
         )
-    if config.tie_word_embeddings:
-        float_model.tie_weights()
     return float_model.to(next(model.parameters()).device)
 
 
