@@ -5,13 +5,14 @@ process (so peak memory is its own), with ratios against `base` measured in the 
 
 Usage (from the project root, after `dvc repro`):
     python benchmarks/variants.py                       # writes benchmarks/results/variants-<device>.{json,md}
-    python benchmarks/variants.py --batch-sizes 1 16 --new-tokens 64
+    python benchmarks/variants.py --batch-sizes 1 16 --new-tokens 64 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -29,23 +30,27 @@ from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resol
 from quantorder.provenance import device_name
 
 
-def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int) -> float:
-    """Greedy decoding of exactly `new_tokens` tokens for `batch` prompts; generated tokens per second."""
+def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
+    """Greedy decoding of exactly `new_tokens` tokens for `batch` prompts; generated tokens per second,
+    the median of `repeats` timed runs (decoding small batches is bound by kernel launches, which jitter)."""
     tokenizer.padding_side = "left"
     enc = tokenizer([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
     greedy = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
     model.generate(**enc, max_new_tokens=2, min_new_tokens=2, **greedy)  # warm-up
-    if enc["input_ids"].is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
-    if enc["input_ids"].is_cuda:
-        torch.cuda.synchronize()
-    return batch * new_tokens / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        if enc["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
+        if enc["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        rates.append(batch * new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
-def measure_one(variant: str, batch_sizes: list[int], new_tokens: int) -> dict:
+def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: int) -> dict:
     cfg = load_config()
     spec = VARIANTS[variant]
     device = resolve_device(cfg.model.device)
@@ -61,7 +66,7 @@ def measure_one(variant: str, batch_sizes: list[int], new_tokens: int) -> dict:
     prompts = [render(cfg.data.template, r).split(ANSWER_MARKER)[0] + ANSWER_MARKER for r in rows]
     base_params = read_json(BASE_DIR / PROVENANCE_FILE)["source"]["parameters"]
     with torch.no_grad():
-        speeds = {str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens) for b in batch_sizes}
+        speeds = {str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens, repeats) for b in batch_sizes}
     return {
         **footprint(spec.model, spec.adapter, base_params),
         "linear_bits_per_weight": quantized_bits_per_weight(model),
@@ -88,7 +93,9 @@ def markdown(results: dict, baseline: str = "base") -> str:
             f"| `{name}` | {r['size_bytes'] / 2**20:.1f} | {r['size_bytes'] / base['size_bytes']:.2f}x | "
             f"{r['bits_per_param']:.2f} | {lbw} | {r['peak_mem_bytes'] / 2**20:.0f} | {speeds} |"
         )
-    title = f"Variants on {results['device']} ({results['algo']}, {results['new_tokens']} new tokens, greedy)\n\n"
+    runs = results.get("repeats", 1)
+    title = f"Variants on {results['device']} ({results['algo']}, {results['new_tokens']} new tokens, greedy, "
+    title += f"median of {runs} timed runs)\n\n" if runs > 1 else "one timed run)\n\n"
     return title + head + "\n".join(rows) + "\n"
 
 
@@ -96,17 +103,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median counts)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path; a .md table is written beside it")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens)))
+        print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens, args.repeats)))
         return
     algo = load_config().algo
-    results = {"algo": f"{algo.name} {algo.bits}-bit g{algo.group_size}", "new_tokens": args.new_tokens, "variants": {}}
+    results = {
+        "algo": f"{algo.name} {algo.bits}-bit g{algo.group_size}",
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "variants": {},
+    }
     out = args.out
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens), "--batch-sizes"]
+        cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens)]
+        cmd += ["--repeats", str(args.repeats), "--batch-sizes"]
         done = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True, check=True)
         measured = results["variants"][variant] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{variant}: {measured['decode_tokens_per_s']}", flush=True)

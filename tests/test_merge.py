@@ -66,3 +66,20 @@ def test_update_survival_tells_kept_from_rounded_away(tmp_path, tiny_dir, rtn_di
     survival = update_survival(rtn_dir, rtn_dir, tmp_path / "merged", tmp_path / "q")
     assert len(survival["per_layer"]) == 14
     assert low < survival["overall"]["kept"] < high, survival["overall"]
+
+
+def test_dequantization_bypasses_the_per_layer_compile_wrapper(rtn_dir):
+    """GPTQModel wraps each layer's `dequantize_weight` in torch.compile, which on a GPU compiles
+    again for every layer (minutes for a 3.8B model); dequantization must call the eager method."""
+    from quantorder.merge import is_int_linear, linear_weight
+
+    layers = [m for m in load_model(rtn_dir, "float32", CPU).modules() if is_int_linear(m)]
+    assert layers and all("dequantize_weight" in vars(m) for m in layers)  # the wrapper GPTQModel installs
+    for layer in layers:
+        expected = layer.dequantize_weight().t()
+
+        def compiled(*args, **kwargs):
+            raise AssertionError("called the torch.compile wrapper")
+
+        layer.dequantize_weight = compiled
+        assert torch.equal(linear_weight(layer), expected)

@@ -179,7 +179,8 @@ def test_stage_reports_user_errors_in_one_line(project):
 
 def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
     out = tmp_path / "variants.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "2", "--batch-sizes", "1", "2"]
+    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "2", "--repeats", "2"]
+    cmd += ["--batch-sizes", "1", "2"]
     run(cmd + ["--out", str(out)], project)
     results = json.loads(out.read_text())
     assert set(results["variants"]) == set(VARIANTS)
@@ -187,7 +188,9 @@ def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
         assert set(r["decode_tokens_per_s"]) == {"1", "2"} and min(r["decode_tokens_per_s"].values()) > 0
         assert r["peak_mem_bytes"] > 0
     assert results["variants"]["base_q"]["linear_bits_per_weight"] == pytest.approx(4 + 20 / 32)
-    assert "| `q_ft_merge_q` |" in out.with_suffix(".md").read_text()
+    assert results["repeats"] == 2
+    table = out.with_suffix(".md").read_text()
+    assert "| `q_ft_merge_q` |" in table and "median of 2 timed runs" in table
 
 
 # The MLflow UI as a person sees it: `mlflow server` on the store the runs above made, loaded in

@@ -21,22 +21,12 @@ def linear_weight(module: torch.nn.Module) -> torch.Tensor:
     if not is_int_linear(module):
         return module.weight
     if hasattr(module, "dequantize_weight"):
-        return module.dequantize_weight().t()  # GPTQModel returns (in_features, out_features)
+        # The class's eager method: GPTQModel's torch-family kernels wrap `dequantize_weight` per
+        # instance in torch.compile, which compiles anew for every layer (minutes for a 3.8B model).
+        return type(module).dequantize_weight(module).t()  # GPTQModel returns (in_features, out_features)
     from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
     return dequantize_gemm(module.qweight, module.qzeros, module.scales, module.bits, module.group_size).t()
-
-
-def _dequantized_linear(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
-    """A float nn.Linear holding exactly the dequantized weights of an int-packed layer."""
-    weight = linear_weight(module)
-    bias = getattr(module, "bias", None)
-    linear = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight.to(dtype))
-        if bias is not None:
-            linear.bias.copy_(bias.to(dtype))
-    return linear.to(weight.device)
 
 
 def dequantize(model, dtype: torch.dtype):
@@ -54,8 +44,9 @@ def dequantize(model, dtype: torch.dtype):
     quant_prefixes = []
     for name, module in model.named_modules():
         if is_int_linear(module):
-            linear = _dequantized_linear(module, dtype)
-            state.update({f"{name}.{k}": v for k, v in linear.state_dict().items()})
+            state[f"{name}.weight"] = linear_weight(module).to(dtype).contiguous()
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = module.bias.to(dtype)
             quant_prefixes.append(f"{name}.")
     for name, tensor in model.state_dict().items():
         if not name.startswith(tuple(quant_prefixes)):
