@@ -32,7 +32,7 @@ from quantorder.provenance import device_name
 
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
     """Greedy decoding of exactly `new_tokens` tokens for `batch` prompts; generated tokens per second,
-    the median of `repeats` timed runs (decoding small batches is bound by kernel launches, which jitter)."""
+    the median of `repeats` timed runs (small-batch decoding is bound by host overhead, which jitters)."""
     tokenizer.padding_side = "left"
     enc = tokenizer([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
