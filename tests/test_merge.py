@@ -73,13 +73,12 @@ def test_dequantization_bypasses_the_per_layer_compile_wrapper(rtn_dir):
     again for every layer (minutes for a 3.8B model); dequantization must call the eager method."""
     from quantorder.merge import is_int_linear, linear_weight
 
+    def compiled(*args, **kwargs):
+        raise AssertionError("called the torch.compile wrapper")
+
     layers = [m for m in load_model(rtn_dir, "float32", CPU).modules() if is_int_linear(m)]
     assert layers and all("dequantize_weight" in vars(m) for m in layers)  # the wrapper GPTQModel installs
     for layer in layers:
         expected = layer.dequantize_weight().t()
-
-        def compiled(*args, **kwargs):
-            raise AssertionError("called the torch.compile wrapper")
-
         layer.dequantize_weight = compiled
         assert torch.equal(linear_weight(layer), expected)
