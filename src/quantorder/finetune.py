@@ -64,15 +64,15 @@ def check_target_modules(model, targets: list[str]) -> None:
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists  # PEFT's own name matching
 
-    names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
 
     def found(target: str) -> bool:
         config = LoraConfig(target_modules=[target])
-        return any(check_target_module_exists(config, name) for name in names)
+        return any(check_target_module_exists(config, name) for name in modules)
 
     missing = [t for t in targets if not found(t)]
     if missing:
-        leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+        leaves = [(n, m) for n, m in modules.items() if not list(m.children())]
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in leaves if hasattr(m, "in_features")})
         raise UserError(
             f"finetune.target_modules={targets}: {', '.join(missing)} not in this model; its linear layers: "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import torch
 
 from quantorder.config import AlgoCfg
 from quantorder.errors import UserError
-from quantorder.io import captured_output
+from quantorder.io import captured_output, read_json, write_json
 from quantorder.models import set_gptqmodel_workers
 from quantorder.progress import Progress
 from quantorder.quantize.fused import fuse_split_layers
@@ -53,11 +52,11 @@ def drop_scratch_path(out_dir: Path) -> None:
     """Blank the temp dir GPTQModel offloaded layers to, which it records in the checkpoint's configs:
     a scratch path is no property of the model, and it gave every run of one quantization another hash."""
     for path in (out_dir / "config.json", out_dir / "quantize_config.json"):
-        config = json.loads(path.read_text())
+        config = read_json(path)
         meta = config.get("quantization_config", config).get("meta") or {}
         if meta.get("offload_to_disk_path") is not None:
             meta["offload_to_disk_path"] = None
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_json(path, config)
 
 
 class Quantizer(ABC):
