@@ -24,8 +24,9 @@ from common import conf, model_with_tokenizer, publish, qa_rows
 from quantorder.config import EvalCfg
 from quantorder.data import render
 from quantorder.evaluate import perplexity
-from quantorder.models import load_model, load_tokenizer, resolve_device
+from quantorder.models import load_tokenizer, resolve_device
 from quantorder.provenance import device_name, library_versions
+from quantorder.quantize import load_model
 from quantorder.tokens import encode, token_nll
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from common import publish
 
-from quantorder.cli import stage_times
-from quantorder.layout import VARIANTS
 from quantorder.models import resolve_device
 from quantorder.provenance import device_name
+from quantorder.stage import stage_times
+from quantorder.variants import VARIANTS
 
 
 def dvc(*args: str) -> str:

@@ -27,11 +27,12 @@ import torch
 from common import conf, model_with_tokenizer, publish
 
 from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg, as_dict, build, raise_problems
+from quantorder.config import CalibCfg, algo_config_class, as_dict, build, raise_problems
 from quantorder.data import package_prose
-from quantorder.models import resolve_device, set_gptqmodel_workers
+from quantorder.models import resolve_device
 from quantorder.provenance import device_name, library_versions
-from quantorder.quantize import algo_config_class, get_quantizer
+from quantorder.quantize import get_quantizer
+from quantorder.quantize.gptqmodel_backend import set_gptqmodel_workers
 
 
 def timed(fn) -> float:

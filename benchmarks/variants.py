@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
-from quantorder.config import load_config
-from quantorder.data import ANSWER_MARKER, read_jsonl, render
-from quantorder.evaluate import footprint, quantized_bits_per_weight
+from quantorder.config import ANSWER_MARKER, load_config
+from quantorder.data import read_jsonl, render
+from quantorder.evaluate import footprint
 from quantorder.io import read_json, write_json, write_text
-from quantorder.layout import BASE_DIR, QA_DIR, VARIANTS
+from quantorder.layout import BASE_DIR, PROVENANCE_FILE, QA_DIR
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
-from quantorder.models import PROVENANCE_FILE, load_model, load_tokenizer, resolve_device
+from quantorder.models import load_tokenizer, resolve_device
 from quantorder.provenance import device_name
+from quantorder.quantize import bits_per_weight, load_model
+from quantorder.variants import VARIANTS
 
 
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
@@ -69,7 +71,7 @@ def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: 
         speeds = {str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens, repeats) for b in batch_sizes}
     return {
         **footprint(spec.model, spec.adapter, base_params),
-        "linear_bits_per_weight": quantized_bits_per_weight(model),
+        "linear_bits_per_weight": bits_per_weight(spec.model, model),
         "decode_tokens_per_s": speeds,
         "peak_mem_bytes": peak_memory_bytes(device),
         "device": device_name(device),

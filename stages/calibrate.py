@@ -4,12 +4,12 @@ Usage: dvc repro calibrate
 """
 
 from quantorder.calibration import draw_windows, save_calibration
-from quantorder.cli import print_config, run_stage
 from quantorder.config import load_config
 from quantorder.data import calibration_text
 from quantorder.io import atomic_dir
 from quantorder.layout import BASE_DIR, CALIB_DIR
 from quantorder.models import load_tokenizer
+from quantorder.stage import print_config, run_stage
 
 
 def main() -> str:

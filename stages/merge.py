@@ -5,22 +5,26 @@ Usage: dvc repro merge@ft   (or python stages/merge.py ft)
 
 import shutil
 
-from quantorder.cli import run_stage, stage_target
+from quantorder.availability import mark_na
 from quantorder.config import load_config
 from quantorder.io import atomic_dir, read_json, write_json
-from quantorder.layout import ADAPTERS_DIR, FINETUNE_BASES, MERGED_DIR
+from quantorder.layout import PROVENANCE_FILE
 from quantorder.memory import process_peak_memory
 from quantorder.merge import merge_adapter
-from quantorder.models import PROVENANCE_FILE, is_quantized, resolve_device
+from quantorder.models import is_quantized, resolve_device
 from quantorder.provenance import hash_dir, library_versions
+from quantorder.stage import run_stage, stage_target
+from quantorder.variants import MERGES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def main() -> str:
-    name = stage_target("merge target", FINETUNE_BASES)
+    name = stage_target("merge target", MERGES)
     cfg = load_config()
-    base, adapter, out = FINETUNE_BASES[name], ADAPTERS_DIR / name, MERGED_DIR / name
+    base, adapter, out = MERGES[name].base, MERGES[name].adapter, MERGES[name].out
+    if reason := mark_na(out, [base, adapter]):
+        return f"[merge@{name}] n/a: {reason}"
     merged = merge_adapter(base, adapter, cfg.model.dtype, resolve_device(cfg.model.device))
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

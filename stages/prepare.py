@@ -3,13 +3,13 @@
 Usage: dvc repro prepare   (or python stages/prepare.py from the project root)
 """
 
-from quantorder.cli import print_config, run_stage
 from quantorder.config import as_dict, load_config
 from quantorder.data import build_splits, render, write_splits
 from quantorder.io import atomic_dir, write_json
-from quantorder.layout import BASE_DIR, QA_DIR
-from quantorder.models import PROVENANCE_FILE, materialize_base
+from quantorder.layout import BASE_DIR, PROVENANCE_FILE, QA_DIR
+from quantorder.models import materialize_base
 from quantorder.provenance import hash_dir, library_versions
+from quantorder.stage import print_config, run_stage
 
 
 def main() -> str:

@@ -11,11 +11,12 @@ import torch
 import yaml
 
 from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg
+from quantorder.config import AWQCfg, CalibCfg, RTNCfg
 from quantorder.data import package_prose, package_qa_rows, render
-from quantorder.models import load_model, load_tokenizer, random_model, train_tokenizer
-from quantorder.quantize.awq import AWQCfg, AWQQuantizer
-from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+from quantorder.models import load_tokenizer, random_model, train_tokenizer
+from quantorder.quantize import load_model
+from quantorder.quantize.awq import AWQQuantizer
+from quantorder.quantize.rtn import RTNQuantizer
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 TEMPLATE = "### Language: {programming_language}\n### Question: {prompt}\n### Answer: {response}"

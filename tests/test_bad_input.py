@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from quantorder.calibration import draw_windows
-from quantorder.cli import run_stage
-from quantorder.config import DataCfg, FinetuneCfg
+from quantorder.config import DataCfg, FinetuneCfg, RTNCfg
 from quantorder.data import build_splits, read_jsonl
 from quantorder.errors import UserError
 from quantorder.finetune import setup_data, setup_model, train_loop
 from quantorder.io import atomic_dir
-from quantorder.models import check_seq_len, load_model, load_tokenizer, resolve_device
-from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+from quantorder.models import check_seq_len, load_tokenizer, resolve_device
+from quantorder.quantize import load_model
+from quantorder.quantize.rtn import RTNQuantizer
+from quantorder.stage import run_stage
 
 from .conftest import TEMPLATE, sympy_calib
 

@@ -8,7 +8,7 @@ import pytest
 
 from quantorder.compare import from_exp_show, grid, winners, write
 from quantorder.errors import UserError
-from quantorder.layout import VARIANTS
+from quantorder.variants import VARIANTS
 
 # perplexities per algorithm in VARIANTS order; seed s adds 0.1 * s to every variant (ft too)
 PPL = {
@@ -17,13 +17,14 @@ PPL = {
 }
 
 
-def _rev(name: str, algo: str, seed: int, ppl: dict | None = None) -> dict:
+def _rev(name: str, algo: str, seed: int, ppl: dict | None = None, **settings) -> dict:
     ppl = ppl or {v: p + 0.1 * seed for v, p in PPL[algo].items()}
+    params = {"name": algo.split()[0], "bits": 4, "group_size": 64, **settings}
     return {
         "rev": "f" * 40,
         "name": name,
         "data": {
-            "params": {"params.yaml": {"data": {"seed": seed, "algo": {"name": algo.split()[0]}}}},
+            "params": {"params.yaml": {"data": {"seed": seed, "algo": params}}},
             "metrics": {"metrics/summary.json": {"data": {"algo": algo, "ppl": ppl, "gap_to_ft_significant": {}}}},
         },
     }
@@ -62,7 +63,7 @@ def test_grid_aggregates_seeds_and_names_the_winners(tmp_path):
     assert (
         table.count("| gptq 4-bit g64 |") == len(VARIANTS) and "| rtn 4-bit g64 | `q_ft` | 3 | 8.600 | 0.100 |" in table
     )
-    assert "`q_ft` is the best int4 variant" in data["verdict"] and "in all 3 seeds" in data["verdict"]
+    assert "`q_ft` is the best quantized variant" in data["verdict"] and "in all 3 seeds" in data["verdict"]
     assert "For `q_ft`, gptq 4-bit g64 has the lowest perplexity (7.700; rtn 4-bit g64 8.600)" in data["verdict"]
     assert json.loads(files[0].read_text())["winners"]["order"]["rtn 4-bit g64"]["best"] == "q_ft"
 
@@ -79,3 +80,27 @@ def test_the_workspace_counts_once_and_no_results_is_an_error(tmp_path):
     assert [e.name for e in from_exp_show(_show(same, workspace=_rev("workspace", "rtn 4-bit g64", 0)))] == ["e1"]
     with pytest.raises(UserError, match="no finished experiment"):
         write(from_exp_show(_show()), tmp_path)
+
+
+def test_a_sweep_over_any_algo_setting_keeps_one_row_per_config():
+    """Experiments are told apart by their whole algo config, not by a label of a few settings."""
+    plain = _rev("plain", "gptq 4-bit g64", 0)
+    act_order = _rev("act", "gptq 4-bit g64", 0, ppl={**PPL["gptq 4-bit g64"], "base_q": 15.0}, desc_act=True)
+    experiments = from_exp_show(_show(plain, act_order))
+    assert len({e.algo_id for e in experiments}) == 2
+    cells = grid(experiments)
+    assert sorted(cells) == ["gptq 4-bit g64", "gptq 4-bit g64 desc_act=True"]
+    assert cells["gptq 4-bit g64 desc_act=True"]["base_q"].ppl == [15.0]
+    assert cells["gptq 4-bit g64"]["base_q"].ppl == [15.5]
+
+
+def test_an_na_variant_has_no_cell_and_no_win(tmp_path):
+    """A variant the algorithm cannot make is listed as n/a, never as a number."""
+    ppl = {v: p for v, p in PPL["rtn 4-bit g64"].items() if v != "q_ft"}
+    rev = _rev("na", "rtn 4-bit g64", 0, ppl=ppl)
+    rev["data"]["metrics"]["metrics/summary.json"]["data"]["na"] = {"q_ft": "cannot train on this format"}
+    cells = grid(from_exp_show(_show(rev)))
+    assert "q_ft" not in cells["rtn 4-bit g64"] and "q_ft_merge_q" in cells["rtn 4-bit g64"]
+    assert winners(cells)["order"]["rtn 4-bit g64"]["best"] == "ft_q"
+    data, files = write(from_exp_show(_show(rev)), tmp_path)
+    assert "| rtn 4-bit g64 | `q_ft` | - | n/a |" in files[1].read_text()

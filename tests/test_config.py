@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,45 @@ def test_all_problems_are_reported_together(default_params):
     with pytest.raises(ConfigError) as info:
         parse_config(params)
     assert "algo.bits=5" in str(info.value) and "finetune.lr=0" in str(info.value)
+
+
+def test_answer_only_needs_the_answer_marker_in_the_template(default_params):
+    params = _mutated(_mutated(default_params, "eval.answer_only", True), "data.template", "Q: {prompt}\nA: {response}")
+    with pytest.raises(ConfigError) as info:
+        parse_config(params)
+    message = str(info.value)
+    assert "\n" not in message and "eval.answer_only=true needs data.template to contain '### Answer:'" in message
+    assert "'Q: {prompt}\\nA: {response}'" in message
+    assert parse_config(_mutated(default_params, "eval.answer_only", True)).eval.answer_only  # the shipped template
+
+
+def test_validating_params_is_a_leaf_that_loads_neither_torch_nor_a_backend():
+    """config.py imports no other quantorder module but errors, and validating params.yaml stays light."""
+    source = (ROOT / "src/quantorder/config.py").read_text()
+    imported = {
+        line.split()[1] for line in source.splitlines() if line.startswith(("from quantorder", "import quantorder"))
+    }
+    assert imported == {"quantorder.errors"}
+    code = (
+        "import sys; from quantorder.config import load_config; load_config(sys.argv[1]); "
+        "heavy = {'torch', 'gptqmodel', 'transformers', 'quantorder.quantize'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "params.yaml")], check=True)
+    cli = subprocess.run([sys.executable, "-m", "quantorder", "validate"], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.strip() == "params.yaml is valid"
+
+
+def test_algo_label_and_digest_tell_every_setting_apart():
+    gptq = parse_config(
+        yaml.safe_load((ROOT / "params.yaml").read_text()) | {"algo": {"name": "gptq", "group_size": 64}}
+    )
+    assert gptq.algo.label == "gptq 4-bit g64"
+    act = parse_config(
+        yaml.safe_load((ROOT / "params.yaml").read_text())
+        | {"algo": {"name": "gptq", "group_size": 64, "desc_act": True}}
+    )
+    assert act.algo.label == "gptq 4-bit g64 desc_act=True" and act.algo.digest != gptq.algo.digest
 
 
 def test_load_config_reads_the_committed_params():

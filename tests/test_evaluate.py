@@ -9,8 +9,9 @@ import torch
 
 from quantorder.config import EvalCfg
 from quantorder.data import render
-from quantorder.evaluate import footprint, perplexity, quantized_bits_per_weight
-from quantorder.models import load_model, load_tokenizer
+from quantorder.evaluate import footprint, perplexity
+from quantorder.models import load_tokenizer
+from quantorder.quantize import bits_per_weight, load_model
 from quantorder.tokens import encode
 
 from .conftest import TEMPLATE
@@ -56,10 +57,10 @@ def test_answer_only_scores_only_answer_tokens(tiny_dir, qa_rows):
 
 def test_footprint_counts_packed_bits(tiny_dir, rtn_dir):
     model = load_model(rtn_dir, "float32", CPU)
-    bpw = quantized_bits_per_weight(model)
+    bpw = bits_per_weight(rtn_dir, model)
     # 4-bit codes + one fp16 scale and one packed 4-bit zero per 32 weights
     assert bpw == pytest.approx(4 + 16 / 32 + 4 / 32, rel=1e-6)
-    assert quantized_bits_per_weight(load_model(tiny_dir, "float32", CPU)) is None
+    assert bits_per_weight(tiny_dir, load_model(tiny_dir, "float32", CPU)) is None
     n_params = sum(p.numel() for p in load_model(tiny_dir, "float32", CPU).parameters())
     assert footprint(tiny_dir, None, n_params)["bits_per_param"] == pytest.approx(32, rel=0.01)
     assert footprint(rtn_dir, None, n_params)["size_bytes"] < footprint(tiny_dir, None, n_params)["size_bytes"]

@@ -10,7 +10,8 @@ import torch
 from quantorder.checkpoint import Checkpointer
 from quantorder.config import FinetuneCfg
 from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
-from quantorder.models import load_model, load_tokenizer
+from quantorder.models import load_tokenizer
+from quantorder.quantize import load_model
 
 from .conftest import TEMPLATE
 

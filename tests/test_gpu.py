@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantorder.config import AWQCfg, GPTQCfg
 from quantorder.merge import merge_adapter
-from quantorder.models import load_model, load_tokenizer
-from quantorder.quantize.awq import AWQCfg, AWQQuantizer
-from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
+from quantorder.models import load_tokenizer
+from quantorder.quantize import load_model
+from quantorder.quantize.awq import AWQQuantizer
+from quantorder.quantize.gptq import GPTQQuantizer
 
 from .conftest import TEMPLATE, calibration_samples
 

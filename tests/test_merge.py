@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from quantorder.merge import merge_adapter
-from quantorder.models import load_model
+from quantorder.quantize import load_model
 
 from .conftest import LORA_TARGETS
 
@@ -45,8 +45,9 @@ def test_merged_model_saves_and_reloads_as_float(tmp_path, rtn_dir, adapter_dir)
 @pytest.mark.parametrize("scale,low,high", [(1e-3, -0.2, 0.2), (30.0, 0.9, 1.1)])
 def test_update_survival_tells_kept_from_rounded_away(tmp_path, tiny_dir, rtn_dir, scale, low, high):
     """A tiny LoRA update rounds back to the old grid (kept ~ 0); a large one survives (kept ~ 1)."""
-    from quantorder.merge import update_survival
-    from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+    from quantorder.config import RTNCfg
+    from quantorder.quantize.rtn import RTNQuantizer
+    from quantorder.survival import update_survival
 
     torch.manual_seed(0)
     model = load_model(rtn_dir, "float32", CPU)
@@ -71,14 +72,14 @@ def test_update_survival_tells_kept_from_rounded_away(tmp_path, tiny_dir, rtn_di
 def test_dequantization_bypasses_the_per_layer_compile_wrapper(rtn_dir):
     """GPTQModel wraps each layer's `dequantize_weight` in torch.compile, which on a GPU compiles
     again for every layer (minutes for a 3.8B model); dequantization must call the eager method."""
-    from quantorder.merge import is_int_linear, linear_weight
+    from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer as Packed
 
     def compiled(*args, **kwargs):
         raise AssertionError("called the torch.compile wrapper")
 
-    layers = [m for m in load_model(rtn_dir, "float32", CPU).modules() if is_int_linear(m)]
+    layers = [m for m in load_model(rtn_dir, "float32", CPU).modules() if Packed.is_quantized_linear(m)]
     assert layers and all("dequantize_weight" in vars(m) for m in layers)  # the wrapper GPTQModel installs
     for layer in layers:
         expected = layer.dequantize_weight().t()
         layer.dequantize_weight = compiled
-        assert torch.equal(linear_weight(layer), expected)
+        assert torch.equal(Packed.linear_weight(layer), expected)

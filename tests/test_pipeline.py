@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from quantorder.cli import stage_times
-from quantorder.layout import VARIANTS
+from quantorder.stage import stage_times
+from quantorder.variants import VARIANTS
 
 from .conftest import ROOT
 from .project import env, executed, make_project, run
@@ -44,8 +45,15 @@ def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("project"))
 
 
-def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
-    first = run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+@pytest.fixture(scope="module")
+def first_run(project) -> dict:
+    """The first experiment (RTN) in the project: its log and its numbers."""
+    log = run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+    return {"log": log, "numbers": _numbers(project)}
+
+
+def test_full_grid_then_algo_switch_reuses_the_float_chain(project, first_run):
+    first = first_run["log"]
     assert executed(first) == FLOAT_CHAIN | QUANT_CHAIN | {"report"}
     metrics = {v: json.loads((project / "metrics/eval" / f"{v}.json").read_text()) for v in VARIANTS}
     for name, m in metrics.items():
@@ -114,9 +122,22 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project):
     assert {a: row["base_q"]["mean"] for a, row in grid["grid"].items()} == {
         s["algo"]: s["ppl"]["base_q"] for s in shown.values()
     }
-    assert "is the best int4 variant" in verdict and (project / "reports/compare/grid.png").stat().st_size > 10_000
+    assert "is the best quantized variant" in verdict and (project / "reports/compare/grid.png").stat().st_size > 10_000
     compared = mlflow.search_runs(experiment_names=["quantorder"], filter_string="tags.kind = 'comparison'")
     assert len(compared) == 1 and compared["metrics.rtn_4-bit_g32.q_ft.ppl_mean"].notna().all()
+
+
+def test_editing_code_makes_exactly_the_stages_that_run_it_stale(project):
+    """The perplexity's tokenization is read by every evaluate and finetune stage and by nothing else."""
+    tokens = project / "src/quantorder/tokens.py"
+    original = tokens.read_text()
+    assert json.loads(run(["dvc", "status", "--json"], project)).keys() <= {"report"}  # always_changed
+    try:
+        tokens.write_text(original + "# an edit\n")
+        stale = set(json.loads(run(["dvc", "status", "--json"], project))) - {"report"}
+    finally:
+        tokens.write_text(original)
+    assert stale == {f"evaluate@{v}" for v in VARIANTS} | {"finetune@ft", "finetune@q_ft"}
 
 
 TIMINGS = {"peak_mem_bytes", "eval_tokens_per_s", "eval_seconds"}
@@ -133,13 +154,12 @@ def _numbers(project: Path) -> dict:
     return numbers
 
 
-def test_same_config_and_seed_give_identical_metrics_in_a_fresh_clone(project, tmp_path):
-    """Determinism on a CPU: the workspace's AWQ results, computed by the queued experiment and
-    restored from the run-cache, against a fresh copy of the project running the same config."""
-    assert json.loads((project / "metrics/summary.json").read_text())["algo"].startswith("awq")
+def test_same_config_and_seed_give_identical_metrics_in_a_fresh_clone(project, first_run, tmp_path):
+    """Determinism on a CPU: the first experiment's results (RTN) against a fresh copy of the project
+    running the same config from nothing."""
     fresh = make_project(tmp_path / "fresh")
-    run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=awq"], fresh)
-    assert _numbers(fresh) == _numbers(project)  # model hashes included: the same checkpoints, byte for byte
+    run(["dvc", "exp", "run", "-S", "+experiment=tiny"], fresh)
+    assert _numbers(fresh) == first_run["numbers"]  # model hashes included: the same checkpoints, byte for byte
 
 
 def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], int]:
@@ -268,6 +288,44 @@ def _page_text(browser, url: str, expected: list[str], timeout_s: float = 60) ->
         missing = [e for e in expected if e not in text]
         raise AssertionError(f"{url} never showed {missing}; it showed:\n{text[:3000]}") from None
     return text
+
+
+def test_quantorder_ui_lands_on_the_variants_side_by_side(ui, browser, project, tmp_path):
+    """What the README tells a user to run: `quantorder ui` starts MLflow's UI on the project's store
+    and prints the page where one experiment's variants are rows, sorted by perplexity, beside a
+    chart with a bar per variant."""
+    _, client = ui
+    experiment = client.get_experiment_by_name("quantorder")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("kind") == "experiment")
+    name = parent.info.run_name
+    variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_ppl = [r.info.run_name for r in sorted(variants, key=lambda r: r.data.metrics["ppl"])]
+    assert sorted(by_ppl) == sorted(VARIANTS)
+
+    cmd = [sys.executable, "-m", "quantorder", "ui", "--port", str(_free_port()), "--run", name]
+    server = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("open http://127.0.0.1:"), line
+        url = line.split()[1]
+        base = url.split("/#/")[0]
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "quantorder ui did not start"
+                time.sleep(0.5)
+        shown = _page_text(browser, url, [*VARIANTS, "ppl", f"{len(VARIANTS)} matching runs"])
+        browser.save_screenshot(str(tmp_path / "variants.png"))
+        rows = [a.text for a in browser.find_elements("css selector", "a") if a.text in VARIANTS]
+        assert rows == by_ppl, (rows, shown[:2000])  # the table: one row per variant, best first
+        assert "Sort: ppl" in shown and "/runs?" in browser.current_url  # the runs page, not a GenAI overview
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_the_ui_shows_runs_metrics_and_the_chart(ui, browser, tmp_path):

@@ -1,15 +1,16 @@
 """A killed stage loses nothing: `dvc repro` afterwards ends with the numbers of a run never killed.
 
-On the tiny model, in two copies of the project: one runs a chain undisturbed (the float chain, or
-the chain to `ft_merge_q`, which adds calibrate, merge and quantize); in the other the first
-`dvc repro` is SIGKILLed (its whole process group, as a lost machine would be) partway through one
-stage, and a second `dvc repro` finishes the job.
+On the tiny model: one copy of the project runs the float chain and the chain to `ft_merge_q`
+(calibrate, merge, quantize) undisturbed. Each test copies it, reruns one stage and SIGKILLs it (its
+whole process group, as a lost machine would be) partway through; the next `dvc repro` must
+recompute that stage and end with the numbers and model hashes of the undisturbed run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,47 +24,65 @@ from safetensors.torch import load_file
 from .project import env, executed, make_project, run
 
 pytestmark = pytest.mark.slow
-TARGET = "evaluate@ft"  # the float chain: prepare, finetune@ft, evaluate@ft
+TARGETS = ["evaluate@ft", "evaluate@ft_merge_q"]  # the float chain, and the chain through calibrate, merge, quantize
 CHECKPOINT = Path("checkpoints/finetune@ft/state.pt")
-
-
 OVERRIDES = ["+experiment=tiny", "finetune.max_steps=200", "finetune.checkpoint_every=5", "tracking.enabled=false"]
 
 
-def _project(repo: Path) -> Path:
-    """A copy of the project composed for the tiny float chain, with enough steps that a kill lands mid-training."""
-    make_project(repo)
-    run([sys.executable, "-m", "quantorder", "compose", *OVERRIDES], repo)
-    return repo
-
-
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> dict:
-    project = _project(tmp_path_factory.mktemp("clean"))
-    run(["dvc", "repro", TARGET], project)
+def clean(tmp_path_factory) -> Path:
+    """A copy of the project composed for the tiny model, with enough steps that a kill lands
+    mid-training, run to the end once, undisturbed."""
+    project = make_project(tmp_path_factory.mktemp("clean"))
+    run([sys.executable, "-m", "quantorder", "compose", *OVERRIDES], project)
+    run(["dvc", "repro", *TARGETS], project)
     assert not (project / CHECKPOINT).exists()  # a completed run leaves no checkpoint behind
-    return _outputs(project)
+    return project
+
+
+def _copy(clean: Path, tmp_path: Path) -> Path:
+    """The finished project as another clone would have it: workspace, git, DVC cache and lock."""
+    project = tmp_path / "project"
+    shutil.copytree(clean, project, symlinks=True)
+    return project
 
 
 def _outputs(project: Path) -> dict:
-    """The adapter's weights, its training result and loss curve, the evaluation's numbers (no timings)."""
+    """What the runs made: adapter weights, training result and loss curve, every evaluation's numbers
+    (no timings), the content hash of every model dir."""
     adapter = project / "models/adapters/ft"
     result = json.loads((adapter / "quantorder.json").read_text())["result"]
-    metrics = json.loads((project / "metrics/eval/ft.json").read_text())
+    evals = {}
+    for v in ("ft", "ft_merge_q"):
+        metrics = json.loads((project / "metrics/eval" / f"{v}.json").read_text())
+        evals[v] = (metrics["ppl"], metrics["n_tokens"], metrics.get("update_survival"))
+        evals[v] += ((project / "metrics/eval" / f"{v}.samples.csv").read_text(),)
+    made = {
+        d: json.loads((project / "models" / d / "quantorder.json").read_text())["sha256"]
+        for d in ("base", "merged/ft", "quantized/base_q", "quantized/ft_merge_q")
+    }
     return {
         "weights": load_file(adapter / "adapter_model.safetensors"),
         "loss": (result["final_loss"], result["val_loss"]),
         "log": [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (adapter / "train_log.jsonl").open())],
-        "ppl": (metrics["ppl"], metrics["n_tokens"]),
-        "samples": (project / "metrics/eval/ft.samples.csv").read_text(),
+        "evals": evals,
+        "made": made,
+        "calibration": json.loads((project / "data/calibration/manifest.json").read_text())["sha256"],
     }
 
 
-def _kill_during(project: Path, ready, log: Path, target: str = TARGET) -> None:
-    """Start `dvc repro target` and SIGKILL its process group once `ready()` holds; it must still be running."""
+def _same(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys()
+    assert all((a["weights"][k] == b["weights"][k]).all() for k in a["weights"])
+    assert {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
+
+
+def _kill_during(project: Path, stage: str, ready, log: Path) -> None:
+    """Run `stage` again (`dvc repro --force --single-item`, which first removes its outputs) and
+    SIGKILL its process group once `ready()` holds, as a lost machine would; it must still be running."""
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["dvc", "repro", target],
+            ["dvc", "repro", "--force", "--single-item", stage],
             cwd=project,
             env=env(),
             stdout=out,
@@ -78,27 +97,26 @@ def _kill_during(project: Path, ready, log: Path, target: str = TARGET) -> None:
         proc.wait()
 
 
-def _same(a: dict, b: dict) -> None:
-    assert a["weights"].keys() == b["weights"].keys()
-    assert all((a["weights"][k] == b["weights"][k]).all() for k in a["weights"])
-    assert (a["loss"], a["log"], a["ppl"], a["samples"]) == (b["loss"], b["log"], b["ppl"], b["samples"])
+def _rerun(project: Path) -> str:
+    """The next `dvc repro` (the run-cache off: it must recompute, not restore what the clean run made)."""
+    return run(["dvc", "repro", "--no-run-cache", *TARGETS], project)
 
 
 def test_killed_finetune_resumes_from_its_checkpoint_and_ends_identical(clean, tmp_path):
-    project = _project(tmp_path / "project")
-    _kill_during(project, lambda: (project / CHECKPOINT).is_file(), tmp_path / "log")
+    project = _copy(clean, tmp_path)
+    _kill_during(project, "finetune@ft", lambda: (project / CHECKPOINT).is_file(), tmp_path / "log")
     assert not (project / "models/adapters/ft").exists()  # nothing a later run could mistake for an adapter
     killed_at = torch.load(project / CHECKPOINT, weights_only=False)["step"]
     assert 5 <= killed_at < 200
 
-    log = run(["dvc", "repro", TARGET], project)
-    assert executed(log) == {"finetune@ft", "evaluate@ft"}
+    log = _rerun(project)
+    assert "finetune@ft" in executed(log)
     assert f"resuming after step {killed_at}" in log
     assert not (project / CHECKPOINT).exists()
-    _same(_outputs(project), clean)
+    _same(_outputs(project), _outputs(clean))
 
 
-def _into_stage(log: Path, stage: str, seconds: float = 1.5):
+def _into_stage(log: Path, stage: str, seconds: float = 1.0):
     """A `ready()` that holds `seconds` into the stage's own process: loading or computing, not yet written."""
     started: list[float] = []
 
@@ -110,49 +128,19 @@ def _into_stage(log: Path, stage: str, seconds: float = 1.5):
     return ready
 
 
-@pytest.mark.parametrize("stage", ["prepare", "evaluate@ft"])
-def test_killed_stage_reruns_to_the_same_numbers(clean, stage, tmp_path):
-    project, log = _project(tmp_path / "project"), tmp_path / "log"
-    _kill_during(project, _into_stage(log, stage), log)
-    rerun = run(["dvc", "repro", TARGET], project)
-    assert stage in executed(rerun)
-    _same(_outputs(project), clean)
-
-
-MERGED_TARGET = "evaluate@ft_merge_q"  # adds calibrate, merge@ft, quantize@base_q and quantize@ft_merge_q
-
-
-def _merged_outputs(project: Path) -> dict:
-    """The requantized merged model's hash, evaluation and LoRA-update measurement (no timings)."""
-    metrics = json.loads((project / "metrics/eval/ft_merge_q.json").read_text())
-    made = json.loads((project / "models/quantized/ft_merge_q/quantorder.json").read_text())
-    return {
-        "ppl": (metrics["ppl"], metrics["n_tokens"]),
-        "samples": (project / "metrics/eval/ft_merge_q.samples.csv").read_text(),
-        "model_sha256": metrics["provenance"]["model_sha256"],
-        "update_survival": made["update_survival"],
-    }
-
-
-@pytest.fixture(scope="module")
-def clean_merged(tmp_path_factory) -> dict:
-    project = _project(tmp_path_factory.mktemp("clean_merged"))
-    run(["dvc", "repro", MERGED_TARGET], project)
-    return _merged_outputs(project)
-
-
 @pytest.mark.parametrize(
     "stage,out",
     [
+        ("prepare", "models/base"),
         ("calibrate", "data/calibration"),
         ("merge@ft", "models/merged/ft"),
         ("quantize@ft_merge_q", "models/quantized/ft_merge_q"),
+        ("evaluate@ft", "metrics/eval/ft.json"),
     ],
 )
-def test_killed_quantization_chain_stage_reruns_to_the_same_numbers(clean_merged, stage, out, tmp_path):
-    project, log = _project(tmp_path / "project"), tmp_path / "log"
-    _kill_during(project, _into_stage(log, stage, seconds=1.0), log, MERGED_TARGET)
+def test_killed_stage_reruns_to_the_same_numbers(clean, stage, out, tmp_path):
+    project, log = _copy(clean, tmp_path), tmp_path / "log"
+    _kill_during(project, stage, _into_stage(log, stage), log)
     assert f"Running stage '{stage}'" in log.read_text() and not (project / out).exists()  # killed mid-stage
-    rerun = run(["dvc", "repro", MERGED_TARGET], project)
-    assert stage in executed(rerun)
-    assert _merged_outputs(project) == clean_merged
+    assert stage in executed(_rerun(project))
+    _same(_outputs(project), _outputs(clean))

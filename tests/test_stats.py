@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from quantorder.errors import UserError
-from quantorder.layout import VARIANTS
-from quantorder.report import gap_intervals, markdown_table, summarize
+from quantorder.report import gap_intervals, markdown_table, plot_rows, summarize
 from quantorder.stats import paired_gap_ci, read_samples
+from quantorder.variants import VARIANTS
 
 RNG = np.random.default_rng(0)
 TOKENS = RNG.integers(50, 200, 120).astype(float)
@@ -46,7 +46,7 @@ def test_report_carries_intervals_into_summary_and_table(tmp_path):
         metrics[v] |= {"ppl_definition": "corpus", "provenance": {**PROVENANCE, "model_sha256": v}}
     tokens, nll = read_samples(tmp_path / "q_ft.samples.csv")
     assert tokens.shape == nll.shape == (120,)
-    summary = summarize(metrics, "rtn 4-bit g64", gap_intervals(tmp_path))
+    summary = summarize(metrics, "rtn 4-bit g64", "0123456789", gap_intervals(tmp_path, metrics))
     assert summary["provenance"] == {"ppl_definition": "corpus", **PROVENANCE}  # shared by all; per-model hashes not
     assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}
     assert summary["gap_to_ft_significant"]["base_q"] and not summary["gap_to_ft_significant"]["q_ft"]
@@ -56,3 +56,20 @@ def test_report_carries_intervals_into_summary_and_table(tmp_path):
     assert "| `q_ft` |" in table and "(n.s.)" in table.split("| `q_ft` |")[1].splitlines()[0]
     with pytest.raises(UserError, match="missing"):
         read_samples(tmp_path / "absent.samples.csv")
+
+
+def test_an_na_variant_is_listed_with_its_reason_and_left_out_of_the_numbers(tmp_path):
+    """A variant the algorithm cannot make: "n/a: reason" in the table, no number, no interval, no plot row."""
+    metrics = {}
+    for v in VARIANTS:
+        rows = "".join(f"10,{20 + RNG.normal():.4f}\n" for _ in range(30))
+        (tmp_path / f"{v}.samples.csv").write_text("tokens,nll\n" + rows)
+        metrics[v] = {"ppl": 7.0, "size_bytes": 1, "bits_per_param": 4.0, "eval_tokens_per_s": 1.0, "peak_mem_bytes": 1}
+        metrics[v] |= {"ppl_definition": "corpus", "provenance": PROVENANCE}
+    metrics["q_ft_merge_q"] = {"variant": "q_ft_merge_q", "na": "cannot fold an adapter into this format"}
+    (tmp_path / "q_ft_merge_q.samples.csv").write_text("tokens,nll\n")
+    summary = summarize(metrics, "x 4-bit g64", "0123456789", gap_intervals(tmp_path, metrics))
+    assert summary["na"] == {"q_ft_merge_q": "cannot fold an adapter into this format"}
+    assert "q_ft_merge_q" not in summary["ppl"] and "q_ft_merge_q" not in summary["gap_to_ft_ci95_pct"]
+    assert "| `q_ft_merge_q` | n/a: cannot fold an adapter into this format |" in markdown_table(summary)
+    assert [r["variant"] for r in plot_rows(summary)] == [v for v in VARIANTS if v != "q_ft_merge_q"]

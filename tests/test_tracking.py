@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from quantorder.config import TrackingCfg
-from quantorder.layout import VARIANTS
 from quantorder.tracking import flatten, log_experiment
+from quantorder.variants import VARIANTS
 
 
 def test_flatten_gives_dotted_keys():
@@ -25,6 +25,7 @@ def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):
         v: {"ppl": 10.0 + i, "ppl_definition": "corpus", "provenance": {"seed": 0, "versions": {"torch": "x"}}}
         for i, v in enumerate(VARIANTS)
     }
+    variants["q_ft_merge_q"] = {"variant": "q_ft_merge_q", "na": "cannot fold an adapter into this format"}
     params = {"algo": {"name": "rtn", "bits": 4}, "seed": 0}
     summary = {"ppl": {"ft": 12.0}, "provenance": {"git_commit": "abc", "data_sha256": "d"}}
     run_id = log_experiment(TrackingCfg(), params, summary, variants, [chart])
@@ -42,6 +43,8 @@ def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):
     assert child["tags.mlflow.parentRunId"] == run_id and child["metrics.ppl"] == pytest.approx(15.0)
     assert child["params.versions.torch"] == "x" and child["tags.ppl_definition"] == "corpus"
     assert parent["params.provenance.git_commit"] == "abc" and parent["params.provenance.data_sha256"] == "d"
+    na = runs[runs["tags.mlflow.runName"] == "q_ft_merge_q"].iloc[0]  # n/a: the reason, no number
+    assert na["tags.na"] == "cannot fold an adapter into this format" and na.isna()["metrics.ppl"]
     artifacts = mlflow.artifacts.list_artifacts(run_id=run_id)
     assert [a.path for a in artifacts] == ["ppl.png"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts live in the project, not in a DVC temp workspace

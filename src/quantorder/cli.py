@@ -1,71 +1,15 @@
-"""Command-line entry points: the stage runner and `quantorder compose`."""
+"""The `quantorder` command: compose, validate, compare, ui. (Stages run through quantorder.stage.)"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import errno
-import os
-import re
+import contextlib
 import sys
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
 
 from quantorder.errors import UserError
-
-# a stage's name as DVC announces it, then the time on the closing line run_stage prints for it
-_STAGE_TIME = re.compile(r"Running stage '([^']+)':.*?\| ([0-9.]+)s, peak memory", re.S)
-
-
-def stage_times(log: str) -> dict[str, float]:
-    """Seconds per stage that a `dvc repro` / `dvc exp run` log shows running."""
-    return {name: float(seconds) for name, seconds in _STAGE_TIME.findall(log)}
-
-
-def run_stage(main: Callable[[], str | None]) -> None:
-    """Run a stage's main() and print its closing line (what main() returns: what it wrote, key
-    numbers; None where another process reports) with the stage's time and peak memory. User
-    errors become one `error:` line and exit code 2, no traceback."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start = time.perf_counter()
-    try:
-        closing = main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        # stages write into a temporary path, removed on the way out: nothing half-written stays
-        where = e.filename or "an output"
-        print(f"error: no space left on the device writing {where}; free space and rerun", file=sys.stderr)
-        sys.exit(2)
-    if closing is None:  # another process (a data-parallel worker) reports for this stage
-        return
-    seconds = time.perf_counter() - start
-    from quantorder.memory import process_peak_memory  # torch: loaded by every stage already
-
-    peak = process_peak_memory()
-    gpu = f"GPU {peak['gpu_bytes'] / 2**30:.2f} GiB, " if peak["gpu_bytes"] is not None else ""
-    print(f"{closing} | {seconds:.1f}s, peak memory {gpu}RSS {peak['rss_bytes'] / 2**30:.2f} GiB", flush=True)
-
-
-def stage_target(kind: str, allowed: Iterable[str]) -> str:
-    """The X of a `stage@X` instance, from the command line, checked against `allowed`."""
-    allowed = list(allowed)
-    name = sys.argv[1] if len(sys.argv) > 1 else ""
-    if name not in allowed:
-        raise UserError(f"{kind} {name!r} unknown (allowed: {', '.join(allowed)})")
-    return name
-
-
-def print_config(name: str, section: object) -> None:
-    """Print one resolved config section, as the stage will use it."""
-    body = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
-    print(yaml.safe_dump({name: body}, sort_keys=False).rstrip(), flush=True)
 
 
 def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Path("params.yaml")) -> None:
@@ -108,6 +52,25 @@ def compare(out: Path, mlflow: bool) -> None:
         print(f"MLflow run {log_comparison(tracking, data, files)} (experiment {tracking.experiment})")
 
 
+def ui(host: str, port: int, experiment_run: str | None) -> None:
+    """`quantorder ui`: start the MLflow UI on the project's store, at the page with the variants side by side."""
+    import subprocess
+
+    from quantorder.config import load_config
+    from quantorder.tracking import project_root, tracking_uri, variants_page
+
+    tracking = load_config().tracking
+    uri = tracking_uri(tracking, project_root())
+    page = variants_page(tracking, experiment_run)
+    if not uri.startswith("sqlite:"):  # a tracking server: its own UI
+        print(f"open {uri.rstrip('/')}{page}")
+        return
+    print(f"open http://{host}:{port}{page}  (Ctrl-C stops the UI)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(cmd, check=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="quantorder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("compare", help="all DVC experiments as one grid: table, chart, verdict (+ an MLflow run)")
     p.add_argument("--out", type=Path, default=Path("reports/compare"), help="folder for grid.{md,png,json}")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the comparison run")
+    p = sub.add_parser("ui", help="start the MLflow UI at the page with one experiment's variants side by side")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--run", dest="experiment_run", help="DVC experiment (MLflow parent run) to show; default: latest")
     args = parser.parse_args(argv)
     try:
         if args.command == "compose":
@@ -124,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             print("wrote params.yaml")
         elif args.command == "compare":
             compare(args.out, mlflow=not args.no_mlflow)
+        elif args.command == "ui":
+            ui(args.host, args.port, args.experiment_run)
         else:
             from quantorder.config import load_config
 

@@ -14,17 +14,19 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantorder.config import algo_identity
 from quantorder.errors import UserError
 from quantorder.io import write_text
-from quantorder.layout import QUANTIZED_VARIANTS, VARIANTS
+from quantorder.variants import BASELINE, FINETUNED_FIRST, QUANTIZED_VARIANTS, TARGET, VARIANTS
 
 
 @dataclass
 class Experiment:
     name: str
-    algo: str  # label, e.g. "gptq 4-bit g64"
+    algo: str  # readable label, e.g. "gptq 4-bit g64 desc_act=True"
+    algo_id: str  # digest of the whole algo config: experiments are grouped by it
     seed: int
-    ppl: dict[str, float]
+    ppl: dict[str, float]  # variants the algorithm cannot make (n/a) are absent
 
 
 def from_exp_show(show: list[dict]) -> list[Experiment]:
@@ -41,15 +43,12 @@ def from_exp_show(show: list[dict]) -> list[Experiment]:
         data = entry.get("data") or {}
         summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-        if not summary or not all(v in summary.get("ppl", {}) for v in VARIANTS):
+        done = {**(summary or {}).get("ppl", {}), **(summary or {}).get("na", {})}
+        if not all(v in done for v in VARIANTS):
             continue  # a failed or unfinished experiment
-        exp = Experiment(
-            name=name,
-            algo=summary["algo"],
-            seed=int(params.get("seed", 0)),
-            ppl=summary["ppl"],
-        )
-        found.setdefault(f"{exp.algo}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
+        algo_id, label = algo_identity(params["algo"]) if "algo" in params else (summary["algo"], summary["algo"])
+        exp = Experiment(name=name, algo=label, algo_id=algo_id, seed=int(params.get("seed", 0)), ppl=summary["ppl"])
+        found.setdefault(f"{exp.algo_id}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
     return list(found.values())
 
 
@@ -89,20 +88,28 @@ class Cell:
 
 
 def grid(experiments: list[Experiment]) -> dict[str, dict[str, Cell]]:
-    """algo label -> variant -> Cell, seeds in ascending order (one experiment per seed: the latest wins)."""
+    """algo label -> variant -> Cell, seeds in ascending order (one experiment per seed: the latest wins).
+
+    Experiments are grouped by their whole algo config; two configs that share a label (possible
+    only for experiments of an older schema) get their digests appended. n/a variants have no cell.
+    """
     by_algo: dict[str, dict[int, Experiment]] = defaultdict(dict)
     for exp in experiments:
-        by_algo[exp.algo][exp.seed] = exp
+        by_algo[exp.algo_id][exp.seed] = exp
+    labels = {algo_id: next(iter(per_seed.values())).algo for algo_id, per_seed in by_algo.items()}
+    shared = {label for label in labels.values() if list(labels.values()).count(label) > 1}
+    labels = {i: f"{label} [{i}]" if label in shared else label for i, label in labels.items()}
     out: dict[str, dict[str, Cell]] = {}
-    for algo, per_seed in sorted(by_algo.items()):
+    for algo_id, per_seed in sorted(by_algo.items(), key=lambda item: labels[item[0]]):
         seeds = sorted(per_seed)
-        out[algo] = {
+        out[labels[algo_id]] = {
             v: Cell(
                 seeds=seeds,
                 ppl=[per_seed[s].ppl[v] for s in seeds],
-                gap_pct=[100 * (per_seed[s].ppl[v] / per_seed[s].ppl["ft"] - 1) for s in seeds],
+                gap_pct=[100 * (per_seed[s].ppl[v] / per_seed[s].ppl[TARGET] - 1) for s in seeds],
             )
             for v in VARIANTS
+            if all(v in per_seed[s].ppl for s in seeds)
         }
     return out
 
@@ -116,15 +123,16 @@ def winners(cells: dict[str, dict[str, Cell]]) -> dict[str, dict]:
     """
     order = {}
     for algo, row in cells.items():
-        best = min(QUANTIZED_VARIANTS, key=lambda v: row[v].mean)
-        every_seed = all(
-            min(QUANTIZED_VARIANTS, key=lambda v: row[v].ppl[i]) == best for i in range(len(row[best].seeds))
-        )
+        measured = [v for v in QUANTIZED_VARIANTS if v in row]
+        best = min(measured, key=lambda v: row[v].mean)
+        every_seed = all(min(measured, key=lambda v: row[v].ppl[i]) == best for i in range(len(row[best].seeds)))
         order[algo] = {"best": best, "mean_ppl": row[best].mean, "every_seed": every_seed, "seeds": row[best].seeds}
     algorithm = {}
     if len(cells) > 1:
-        shared = sorted(set.intersection(*(set(row["ft"].seeds) for row in cells.values())))
+        shared = sorted(set.intersection(*(set(row[TARGET].seeds) for row in cells.values())))
         for v in QUANTIZED_VARIANTS:
+            if not all(v in row for row in cells.values()):
+                continue  # n/a for some algorithm: no contest
             per_seed = {a: dict(zip(row[v].seeds, row[v].ppl)) for a, row in cells.items()}
             if not shared:
                 break
@@ -140,12 +148,13 @@ def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
     lines = []
     for algo, w in wins["order"].items():
         row = cells[algo]
-        after = min(("ft_q", "ft_merge_q"), key=lambda v: row[v].mean)
+        after = min((v for v in FINETUNED_FIRST if v in row), key=lambda v: row[v].mean, default=None)
+        after_gap = f"{statistics.fmean(row[after].gap_pct):+.1f}%" if after else "n/a"
         n = len(w["seeds"])
         lines.append(
-            f"With {algo}, `{w['best']}` is the best int4 variant (perplexity {w['mean_ppl']:.3f}, "
-            f"{statistics.fmean(row[w['best']].gap_pct):+.1f}% vs `ft`; quantizing after fine-tuning, `{after}`: "
-            f"{statistics.fmean(row[after].gap_pct):+.1f}%), "
+            f"With {algo}, `{w['best']}` is the best quantized variant (perplexity {w['mean_ppl']:.3f}, "
+            f"{statistics.fmean(row[w['best']].gap_pct):+.1f}% vs `{TARGET}`; quantizing after fine-tuning, "
+            f"`{after}`: {after_gap}), "
             + (
                 f"in all {n} seeds."
                 if w["every_seed"] and n > 1
@@ -176,6 +185,9 @@ def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
     body = ""
     for algo, row in cells.items():
         for v in VARIANTS:
+            if v not in row:
+                body += f"| {algo} | `{v}` | - | n/a | - | - | - |\n"
+                continue
             c, ci = row[v], row[v].gap_ci95()
             interval = f"[{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else "-"
             gap = statistics.fmean(c.gap_pct)
@@ -194,21 +206,22 @@ def chart(cells: dict[str, dict[str, Cell]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / len(cells)
     for i, (algo, row) in enumerate(cells.items()):
-        xs = [j + (i - (len(cells) - 1) / 2) * width for j in range(len(QUANTIZED_VARIANTS))]
+        shown = [j for j, v in enumerate(QUANTIZED_VARIANTS) if v in row]
+        xs = [j + (i - (len(cells) - 1) / 2) * width for j in shown]
         bars = ax.bar(
             xs,
-            [row[v].mean for v in QUANTIZED_VARIANTS],
+            [row[QUANTIZED_VARIANTS[j]].mean for j in shown],
             width,
-            yerr=[row[v].sd for v in QUANTIZED_VARIANTS],
+            yerr=[row[QUANTIZED_VARIANTS[j]].sd for j in shown],
             label=algo,
         )
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     first = next(iter(cells.values()))
-    for v, style, color in (("base", "--", "gray"), ("ft", "-", "#C44E52")):
+    for v, style, color in ((BASELINE, "--", "gray"), (TARGET, "-", "#C44E52")):
         ax.axhline(first[v].mean, linestyle=style, color=color, label=f"{v} {first[v].mean:.2f}")
     ax.set_xticks(range(len(QUANTIZED_VARIANTS)), QUANTIZED_VARIANTS)
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("quantize before (q_ft...) or after (ft_...) fine-tuning?")
+    ax.set_title("quantize before or after fine-tuning?")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -1,13 +1,16 @@
 """Typed schemas for every params.yaml section, and the validation that runs before any work.
 
-Each conf/ group maps to one dataclass here; per-algorithm settings extend `AlgoCfg` in their
-own module under `quantize/`. `load_config` checks the whole file at once and raises one
+Each conf/ group maps to one dataclass here, and each algorithm's settings to a subclass of
+`AlgoCfg` registered in `ALGO_CONFIGS`. This module imports neither torch nor a backend, so
+validating a params.yaml is instant. `load_config` checks the whole file at once and raises one
 `ConfigError` that names every bad key or value together with what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +21,8 @@ from typing import Any, Literal
 import yaml
 
 from quantorder.errors import ConfigError
+
+ANSWER_MARKER = "### Answer:"  # eval.answer_only scores the tokens after it
 
 
 def require(problems: list[str], ok: bool, message: str) -> None:
@@ -150,6 +155,61 @@ class AlgoCfg:
         ok_group = self.group_size == -1 or (self.group_size >= 16 and self.group_size & (self.group_size - 1) == 0)
         require(p, ok_group, f"algo.group_size={self.group_size}: must be -1 or a power of two >= 16")
         raise_problems(p)
+
+    @property
+    def label(self) -> str:
+        """Readable and unique among configs: name, bits, group size, then every setting off its default."""
+        base = f"{self.name} {self.bits}-bit g{self.group_size}{' sym' if self.sym else ''}"
+        shared = {"name", "bits", "group_size", "sym"}
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if f.name not in shared and getattr(self, f.name) != f.default
+        ]
+        return " ".join([base, *changed])
+
+    @property
+    def digest(self) -> str:
+        """Short hash of every setting: the identity of an algorithm config across experiments."""
+        return algo_digest(dataclasses.asdict(self))
+
+
+@dataclass
+class RTNCfg(AlgoCfg):
+    """Round-to-nearest settings (conf/algo/rtn.yaml): no calibration."""
+
+    allowed_bits: typing.ClassVar[tuple[int, ...]] = (4, 8)
+
+
+@dataclass
+class GPTQCfg(AlgoCfg):
+    """GPTQ settings (conf/algo/gptq.yaml)."""
+
+    desc_act: bool = False  # act-order: better accuracy, slower kernels on some backends
+    damp_percent: float = 0.01  # higher: more stable, less exact
+    static_groups: bool = False  # with desc_act: fix group boundaries before reordering
+    true_sequential: bool = True  # quantize sub-layers in order, feeding quantized outputs forward
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p: list[str] = []
+        require(p, 0 < self.damp_percent < 1, f"algo.damp_percent={self.damp_percent}: must be in (0, 1)")
+        raise_problems(p)
+
+
+@dataclass
+class AWQCfg(AlgoCfg):
+    """AWQ settings (conf/algo/awq.yaml)."""
+
+    duo_scaling: bool = True  # s from activation and weight statistics (AWQ paper); false: activations only
+    clip: bool = True  # search each group's clipping range after scaling
+    chunked_search: bool = True  # lower peak memory during the search, same scales
+
+    allowed_bits: typing.ClassVar[tuple[int, ...]] = (4,)  # the AWQ (GEMM) checkpoint format packs 4 bits
+
+
+# algo.name -> its settings; quantize/__init__.py maps the same names to their implementations
+ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {"rtn": RTNCfg, "gptq": GPTQCfg, "awq": AWQCfg}
 
 
 @dataclass
@@ -307,8 +367,6 @@ def parse_config(params: Mapping[str, Any]) -> Config:
     Raises:
         ConfigError: one line listing every unknown key, missing key and bad value.
     """
-    from quantorder.quantize import algo_config_class  # registry: algo.name -> its config class
-
     problems: list[str] = []
     sections = {f.name: f for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
@@ -332,8 +390,43 @@ def parse_config(params: Mapping[str, Any]) -> Config:
             if cls is None:
                 continue
         built[name] = build(cls, raw, name, problems)
+    if built.get("eval") and built.get("data"):
+        _check_answer_marker(built["data"], built["eval"], problems)
     raise_problems(problems)
     return Config(**built)
+
+
+def algo_config_class(name: object, problems: list[str]) -> type[AlgoCfg] | None:
+    """The config class of algorithm `name`; appends a problem naming the choices if unknown."""
+    if name not in ALGO_CONFIGS:
+        problems.append(f"algo.name={name!r}: unknown algorithm (allowed: {', '.join(sorted(ALGO_CONFIGS))})")
+        return None
+    return ALGO_CONFIGS[name]
+
+
+def algo_digest(algo: Mapping[str, Any]) -> str:
+    """Short hash of an algo section's settings."""
+    return hashlib.sha256(json.dumps(dict(algo), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def algo_identity(algo: Mapping[str, Any]) -> tuple[str, str]:
+    """(digest, readable label) of an algo section as params.yaml holds it; an experiment made by an
+    older schema that no longer validates keeps a label of its raw settings."""
+    problems: list[str] = []
+    cls = algo_config_class(algo.get("name"), problems)
+    cfg = build(cls, algo, "algo", problems) if cls else None
+    if cfg is None:
+        return algo_digest(algo), " ".join(f"{k}={v}" for k, v in algo.items())
+    return cfg.digest, cfg.label
+
+
+def _check_answer_marker(data: DataCfg, eval_cfg: EvalCfg, problems: list[str]) -> None:
+    """Answer-only perplexity scores the tokens after ANSWER_MARKER: the template must contain it."""
+    if eval_cfg.answer_only and ANSWER_MARKER not in data.template:
+        problems.append(
+            f"eval.answer_only=true needs data.template to contain {ANSWER_MARKER!r} (the answer marker), "
+            f"but data.template={data.template!r} (data={data.name}); add the marker or set eval.answer_only=false"
+        )
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

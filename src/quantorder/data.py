@@ -18,7 +18,6 @@ from quantorder.errors import UserError
 from quantorder.progress import progress
 
 SPLITS = ("train", "val", "test")
-ANSWER_MARKER = "### Answer:"
 # Directories that hold tests or benchmarks, not library functions.
 _SKIP_DIRS = {"test", "tests", "testing", "benchmarks", "__pycache__"}
 

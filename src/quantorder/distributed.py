@@ -96,6 +96,27 @@ def processes(devices: int, model_device: str) -> int:
     return devices
 
 
+def relaunch(devices: int, grad_accum: int, model_device: str, argv: list[str]) -> bool:
+    """In the stage's own process, when `finetune.devices` asks for several: run `argv` as that many
+    torchrun workers on GPUs of their own and return True (the workers do the work); else False.
+
+    Raises:
+        UserError: `grad_accum` is no multiple of the process count.
+    """
+    n = processes(devices, model_device)
+    if n <= 1 or is_worker():
+        return False
+    if grad_accum % n:
+        raise UserError(
+            f"finetune.grad_accum={grad_accum}: must be a multiple of finetune.devices "
+            f"({n} processes), so that each takes the same share of every step"
+        )
+    if model_device != "cpu":
+        claim_gpus(n)
+    launch(n, argv)
+    return True
+
+
 def launch(n: int, argv: list[str]) -> None:
     """Run `argv` (a Python script and its arguments) as `n` torchrun processes; wait for them.
 

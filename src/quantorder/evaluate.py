@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from quantorder.config import EvalCfg
+from quantorder.config import ANSWER_MARKER, EvalCfg
 from quantorder.data import render
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.models import dir_size
@@ -18,7 +18,7 @@ from quantorder.tokens import encode, pad_batch, token_nll
 PPL_DEFINITIONS = {
     False: "olive: each example as f'{bos} {template(row)} {eos}', truncated to max_seq_len, loss over all real "
     "tokens, corpus-level exp(sum NLL / sum tokens)",
-    True: "answer-only: as olive, but only tokens after '### Answer:' are targets",
+    True: f"answer-only: as olive, but only tokens after {ANSWER_MARKER!r} are targets",
 }
 
 
@@ -66,19 +66,6 @@ def perplexity(model, tokenizer, rows: list[dict], template: str, cfg: EvalCfg) 
     )
 
 
-def quantized_bits_per_weight(model) -> float | None:
-    """Stored bits per weight of the int-packed linear layers (codes + scales + zeros), or None."""
-    bits, weights = 0, 0
-    for module in model.modules():
-        if hasattr(module, "qweight"):
-            stored = [
-                getattr(module, n) for n in ("qweight", "qzeros", "scales") if getattr(module, n, None) is not None
-            ]
-            bits += sum(t.numel() * t.element_size() * 8 for t in stored)
-            weights += module.in_features * module.out_features
-    return bits / weights if weights else None
-
-
 def footprint(model_dir: Path, adapter_dir: Path | None, base_params: int) -> dict:
     """Bytes on disk of the weights (+ adapter) and the bits they spend per base-model parameter."""
     size = dir_size(model_dir) + (dir_size(adapter_dir) if adapter_dir else 0)
@@ -91,3 +78,24 @@ def measure(model, tokenizer, rows, template, cfg: EvalCfg) -> tuple[Perplexity,
     reset_peak_memory(device)
     result = perplexity(model, tokenizer, rows, template, cfg)
     return result, peak_memory_bytes(device)
+
+
+def metrics_record(variant: str, result: Perplexity, peak: int, eval_cfg: EvalCfg) -> dict:
+    """The numbers of one evaluation as metrics/eval/<variant>.json holds them (footprint and
+    provenance are added by the stage)."""
+    return {
+        "variant": variant,
+        "ppl": result.ppl,
+        "nll_sum": result.nll_sum,
+        "n_tokens": result.n_tokens,
+        "n_examples": len(result.per_example),
+        "ppl_definition": PPL_DEFINITIONS[eval_cfg.answer_only],
+        "peak_mem_bytes": peak,
+        "eval_tokens_per_s": result.tokens_per_s,
+        "eval_seconds": result.seconds,
+    }
+
+
+def samples_csv(result: Perplexity) -> str:
+    """Per-example token counts and summed NLL, in test-file order (for paired statistics)."""
+    return "tokens,nll\n" + "".join(f"{t},{nll:.6f}\n" for t, nll in result.per_example)

@@ -12,16 +12,18 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from quantorder.checkpoint import Checkpointer, rng_state, set_rng_state
-from quantorder.config import FinetuneCfg
+from quantorder.config import FinetuneCfg, as_dict
 from quantorder.data import render
 from quantorder.distributed import all_gather, all_sum, rank, world_size
 from quantorder.errors import UserError
+from quantorder.io import write_json
+from quantorder.layout import PROVENANCE_FILE
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.tokens import Example, encode, pad_batch, token_nll
 
@@ -39,6 +41,15 @@ class TrainResult:
     tokens_per_s: float
     peak_mem_bytes: int
     processes: int  # data-parallel processes (one per GPU)
+
+    def describe(self) -> str:
+        """The numbers of the stage's closing line."""
+        on = f" on {self.processes} processes" if self.processes > 1 else ""
+        return (
+            f"{self.steps} steps, loss {self.final_loss:.4f}, val loss {self.val_loss:.4f}, "
+            f"{self.trainable_params / 1e6:.2f}M trainable, {self.tokens_per_s:.0f} tok/s{on}, "
+            f"peak {self.peak_mem_bytes / 2**30:.2f} GiB"
+        )
 
 
 def apply_liger_kernel(model) -> bool:
@@ -107,6 +118,27 @@ def setup_model(model, cfg: FinetuneCfg, seed: int):
 
 def setup_data(tokenizer, rows: list[dict], template: str, max_len: int) -> list[Example]:
     return [encode(tokenizer, render(template, row), max_len) for row in rows]
+
+
+def run_record(cfg: FinetuneCfg, seed: int, template: str, dtype: str, base_sha256: str, data_sha256: str) -> dict:
+    """Everything that decides the adapter's weights: a checkpoint resumes only a run with the same record."""
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("checkpoint_every", "log_every")}
+    return settings | {
+        "seed": seed,
+        "template": template,
+        "dtype": dtype,
+        "base_sha256": base_sha256,
+        "data_sha256": data_sha256,
+        "processes": world_size(),
+    }
+
+
+def save_adapter(model, out_dir: Path, run: dict, result: TrainResult, **extra) -> None:
+    """The adapter (PEFT format) and its provenance: the run record, the result and `extra`."""
+    from quantorder.provenance import library_versions
+
+    model.save_pretrained(out_dir)
+    write_json(out_dir / PROVENANCE_FILE, {**extra, **run, "result": asdict(result), "versions": library_versions()})
 
 
 def _batches(n_examples: int, batch_size: int, seed: int):

@@ -1,4 +1,7 @@
-"""Materialize base models, load float or quantized model dirs, place them on a device."""
+"""Materialize base models, load float model dirs and tokenizers, place them on a device.
+
+Quantized dirs load through their method in `quantorder.quantize`, which calls `load_pretrained`.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ from quantorder.config import ModelCfg
 from quantorder.distributed import claim_gpus, is_worker
 from quantorder.errors import UserError
 from quantorder.provenance import hash_file
-
-PROVENANCE_FILE = "quantorder.json"  # written into every model/adapter dir this project makes
 
 
 def resolve_device(device: str) -> torch.device:
@@ -170,30 +171,6 @@ def is_quantized(model_dir: str | Path) -> bool:
     return "quantization_config" in model_config(model_dir)
 
 
-def set_gptqmodel_workers() -> None:
-    """Give GPTQModel its CPU worker count (it refuses to start with fewer cores than it asks for)."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
-
-
-def quantization_config(qcfg: dict, device: torch.device, training: bool):
-    """The transformers config that loads an int-packed checkpoint (GPTQ or AWQ format) with the
-    right GPTQModel kernel.
-
-    CUDA: Marlin for inference (GPTQ's only where symmetric), else GPTQModel's Triton kernel for
-    GPTQ and its torch kernel for AWQ (whose Triton kernel is fp16-only); all train. CPU: the torch
-    kernels. GPTQModel's own CUDA default (Machete) JIT-builds from downloaded sources and fails
-    offline, so the choice is always explicit.
-    """
-    from transformers import AwqConfig, GPTQConfig
-
-    marlin = device.type == "cuda" and not training
-    if qcfg.get("quant_method") == "awq":
-        return AwqConfig(bits=qcfg["bits"], backend="marlin" if marlin else "torch_awq")
-    if marlin and qcfg.get("sym", True):
-        return GPTQConfig(bits=qcfg["bits"], backend="marlin")
-    return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" else "torch")
-
-
 @contextlib.contextmanager
 def _unreadable_model_dir(model_dir: Path, *errors: type[Exception]) -> Iterator[None]:
     """A missing, truncated or corrupt file in a model dir (OSError, safetensors' error, `errors`)
@@ -218,39 +195,51 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_model(model_dir: str | Path, dtype: str, device: torch.device, training: bool = False):
-    """Load a float or int-quantized model dir with transformers, on `device`, in `dtype`.
-
-    Quantized dirs (GPTQ or AWQ format, written by GPTQModel) load through transformers with
-    GPTQModel's kernels; they compute with exactly their dequantized weights. AWQ dirs always
-    load in a half-precision dtype (bf16 for a float32 request).
-    """
+def load_pretrained(model_dir: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)`, refusing unreadable dirs and
+    checkpoints that lack weights of their architecture (transformers would run them random)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    config = model_config(model_dir)
-    kwargs = {"dtype": torch_dtype(dtype)}
-    if "quantization_config" in config:
-        if device.type == "cpu":
-            # GPTQModel's CPU kernel wraps dequantization in torch.compile, which recompiles for
-            # every new input shape (stalls of 30 s and more); eager mode is faster here.
-            torch._dynamo.config.disable = True
-        set_gptqmodel_workers()
-        qcfg = config["quantization_config"]
-        kwargs["quantization_config"] = quantization_config(qcfg, device, training)
-        if qcfg.get("quant_method") == "awq" and kwargs["dtype"] == torch.float32:
-            # GPTQModel's AWQ kernels compute in half precision (float32 inputs silently in fp16,
-            # which overflows on outlier activations): use bf16, the dtype AWQ quantized in.
-            kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": str(device)}
-    with warnings.catch_warnings():  # passing a config only to pick the kernel is intended
+    model_config(model_dir)  # a missing config.json is a UserError naming the dir
+    with warnings.catch_warnings():  # passing a quantization config only to pick the kernel is intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         with _unreadable_model_dir(model_dir):
             model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **kwargs)
-    if info["missing_keys"]:  # transformers would run them with random weights
+    if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(f"model dir {model_dir} lacks {len(missing)} weights of its architecture ({missing[0]}, ...)")
-    return model.to(device)
+    return model
+
+
+def load_float(model_dir: str | Path, dtype: str, device: torch.device):
+    """Load a float model dir with transformers, on `device`, in `dtype`."""
+    return load_pretrained(model_dir, dtype=torch_dtype(dtype)).to(device)
+
+
+def float_model_from_state(model, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A plain float model of `model`'s architecture (no quantization config) holding `state`,
+    on `model`'s device; non-persistent buffers (rotary frequencies) are taken from `model`."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
+    with torch.device("meta"):  # no random init of weights the state replaces
+        float_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _, unexpected = float_model.load_state_dict(state, strict=False, assign=True)
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(float_model.named_buffers()):
+        if buffer.is_meta and name in buffers:
+            module, _, leaf = name.rpartition(".")
+            float_model.get_submodule(module).register_buffer(leaf, buffers[name].clone(), persistent=False)
+    if config.tie_word_embeddings:
+        float_model.tie_weights()
+    # whatever the state left unset is still on the meta device (tied weights are set by now)
+    missing = [n for n, t in [*float_model.named_parameters(), *float_model.named_buffers()] if t.is_meta]
+    if missing or unexpected:
+        raise RuntimeError(f"state does not match the float architecture: missing {missing}, unexpected {unexpected}")
+    return float_model.to(next(model.parameters()).device)
 
 
 def dir_size(path: str | Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:

@@ -7,22 +7,25 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from quantorder.io import json_sha256, read_json
+from quantorder.layout import BASE_DIR, PROVENANCE_FILE, QA_DIR
 
-LIBRARIES = (
-    "torch", "transformers", "peft", "gptqmodel", "optimum", "liger-kernel", "sympy", "datasets", "dvc", "mlflow",
-    "hydra-core",
-)  # fmt: skip
+TOOLS = ("sympy", "dvc", "mlflow", "hydra-core")  # the data source and the pipeline's tools, imported or not
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape the numbers (missing ones omitted)."""
+    """Python and the installed version of every distribution this process has imported (torch,
+    transformers, peft, the quantization backend, ...) plus TOOLS: what shaped the numbers."""
+    imported = {name.partition(".")[0] for name in list(sys.modules)} - set(sys.stdlib_module_names)
+    providers = importlib.metadata.packages_distributions()
+    names = {dist for module in imported for dist in providers.get(module, ())} | set(TOOLS)
     versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in sorted(names - {"quantorder"}, key=str.lower):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -64,7 +67,7 @@ def hash_dir(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".js
     root = Path(path)
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
-        if f.name == "quantorder.json":
+        if f.name == PROVENANCE_FILE:
             continue
         h.update(str(f.relative_to(root)).encode())
         h.update(hash_file(f).encode())
@@ -79,3 +82,21 @@ def hash_adapter(adapter_dir: str | Path) -> str:
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     return json_sha256([hash_dir(adapter_dir, suffixes=(".safetensors",)), config])
+
+
+def made_from(model_dir: Path, adapter_dir: Path | None, **settings: dict | None) -> dict:
+    """What one variant's numbers rest on: `settings` (config sections), the seed its adapter was
+    trained with, the algorithm its quantized weights came from, the content hashes of its model,
+    adapter, base and data, the commit and the library versions."""
+    model = read_json(model_dir / PROVENANCE_FILE)
+    return {
+        "seed": read_json(adapter_dir / PROVENANCE_FILE)["seed"] if adapter_dir else None,
+        **settings,
+        "algo": model.get("algo"),
+        "model_sha256": model["sha256"],
+        "adapter_sha256": hash_adapter(adapter_dir) if adapter_dir else None,
+        "base_sha256": read_json(BASE_DIR / PROVENANCE_FILE)["sha256"],
+        "data_sha256": read_json(QA_DIR / "manifest.json")["sha256"],
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+    }

@@ -1,4 +1,8 @@
-"""Summary metrics, plot data, the Olive-style chart and a markdown table from metrics/eval/*.json."""
+"""Summary metrics, plot data, the Olive-style chart and a markdown table from metrics/eval/*.json.
+
+A variant the algorithm cannot make has `na` (the reason) instead of numbers; it is listed as
+"n/a: reason" and left out of every number, interval and chart.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,8 @@ from pathlib import Path
 
 from quantorder.errors import UserError
 from quantorder.io import read_json, write_text
-from quantorder.layout import QUANTIZED_VARIANTS, VARIANTS
 from quantorder.stats import paired_gap_ci, read_samples
-
-REFERENCE_VARIANTS = ("base", "ft")
+from quantorder.variants import QUANTIZED_VARIANTS, REFERENCE_VARIANTS, TARGET, VARIANTS
 
 
 def load_eval_metrics(eval_dir: Path) -> dict[str, dict]:
@@ -22,18 +24,29 @@ def load_eval_metrics(eval_dir: Path) -> dict[str, dict]:
     return {v: read_json(eval_dir / f"{v}.json") for v in VARIANTS}
 
 
-def gap_intervals(eval_dir: Path) -> dict[str, dict]:
-    """For every variant but `ft`: its perplexity gap to `ft` with a paired-bootstrap 95% interval."""
-    ft = read_samples(eval_dir / "ft.samples.csv")
-    return {v: paired_gap_ci(ft, read_samples(eval_dir / f"{v}.samples.csv")) for v in VARIANTS if v != "ft"}
+def measured(metrics: dict[str, dict]) -> dict[str, dict]:
+    """The variants that have numbers (not n/a)."""
+    return {v: m for v, m in metrics.items() if "na" not in m}
 
 
-def summarize(metrics: dict[str, dict], algo_label: str, intervals: dict[str, dict]) -> dict:
+def gap_intervals(eval_dir: Path, metrics: dict[str, dict]) -> dict[str, dict]:
+    """For every measured variant but the target: its perplexity gap to the target (`ft`) with a
+    paired-bootstrap 95% interval."""
+    target = read_samples(eval_dir / f"{TARGET}.samples.csv")
+    return {
+        v: paired_gap_ci(target, read_samples(eval_dir / f"{v}.samples.csv")) for v in measured(metrics) if v != TARGET
+    }
+
+
+def summarize(all_metrics: dict[str, dict], algo_label: str, algo_digest: str, intervals: dict[str, dict]) -> dict:
     """Headline numbers per variant; the gap of each variant to `ft` is the number that matters,
     with its 95% interval and whether that interval excludes zero (`intervals`, from gap_intervals)."""
-    ft = metrics["ft"]["ppl"]
+    metrics = measured(all_metrics)
+    ft = metrics[TARGET]["ppl"]
     return {
         "algo": algo_label,
+        "algo_digest": algo_digest,
+        "na": {v: m["na"] for v, m in all_metrics.items() if "na" in m},
         "ppl": {v: round(m["ppl"], 4) for v, m in metrics.items()},
         "gap_to_ft": {v: round(m["ppl"] - ft, 4) for v, m in metrics.items()},
         "gap_to_ft_pct": {v: round(100 * (m["ppl"] / ft - 1), 3) for v, m in metrics.items()},
@@ -53,7 +66,7 @@ def summarize(metrics: dict[str, dict], algo_label: str, intervals: dict[str, di
 
 def shared_provenance(metrics: dict[str, dict]) -> dict:
     """What every variant's numbers rest on: seed, perplexity definition, code, libraries, data and base."""
-    ft = metrics["ft"]
+    ft = metrics[TARGET]
     keys = ("seed", "git_commit", "versions", "data_sha256", "base_sha256")
     return {"ppl_definition": ft["ppl_definition"], **{k: ft["provenance"][k] for k in keys}}
 
@@ -69,6 +82,7 @@ def plot_rows(summary: dict) -> list[dict]:
             "size_mib": summary["size_mib"][v],
         }
         for v in VARIANTS
+        if v in summary["ppl"]
     ]
 
 
@@ -93,7 +107,9 @@ def markdown_table(summary: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|\n"
     )
     body = "".join(
-        f"| `{v}` | {summary['ppl'][v]:.3f} | {summary['gap_to_ft_pct'][v]:+.2f}% | {_interval(summary, v)} | "
+        f"| `{v}` | n/a: {summary['na'][v]} | | | | | |\n"
+        if v in summary["na"]
+        else f"| `{v}` | {summary['ppl'][v]:.3f} | {summary['gap_to_ft_pct'][v]:+.2f}% | {_interval(summary, v)} | "
         f"{summary['size_mib'][v]:.1f} | {summary['bits_per_param'][v]:.2f} | {summary['eval_tokens_per_s'][v]:.0f} |\n"
         for v in VARIANTS
     )
@@ -109,14 +125,15 @@ def chart(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ppl = [summary["ppl"][v] for v in QUANTIZED_VARIANTS]
-    bars = ax.bar(QUANTIZED_VARIANTS, ppl, color="#4C72B0")
+    shown = [v for v in QUANTIZED_VARIANTS if v in summary["ppl"]]
+    ppl = [summary["ppl"][v] for v in shown]
+    bars = ax.bar(shown, ppl, color="#4C72B0")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     for v, style in zip(REFERENCE_VARIANTS, ("--", "-")):
         ax.axhline(
             summary["ppl"][v],
             linestyle=style,
-            color="#C44E52" if v == "ft" else "gray",
+            color="#C44E52" if v == TARGET else "gray",
             label=f"{v} {summary['ppl'][v]:.2f}",
         )
     values = ppl + [summary["ppl"][v] for v in REFERENCE_VARIANTS]

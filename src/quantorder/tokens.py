@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantorder.data import ANSWER_MARKER
+from quantorder.config import ANSWER_MARKER
+from quantorder.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -32,7 +33,9 @@ def encode(tokenizer, text: str, max_len: int, answer_only: bool = False) -> Exa
     labels = list(ids)
     if answer_only:
         marker = full.find(ANSWER_MARKER)
-        start = marker + len(ANSWER_MARKER) if marker >= 0 else 0
+        if marker < 0:  # scoring every token would pass for answer-only perplexity
+            raise UserError(f"answer-only scoring needs {ANSWER_MARKER!r} in every example; it is not in {text[:80]!r}")
+        start = marker + len(ANSWER_MARKER)
         labels = [IGNORE_INDEX if end <= start else tok for tok, (_, end) in zip(ids, enc["offset_mapping"])]
     return Example(ids, labels)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,10 @@ def log_experiment(
                         provenance = flatten(metrics.get("provenance") or {})
                         mlflow.log_params({k: str(v)[:500] for k, v in provenance.items()})
                         mlflow.log_metrics(_numeric({k: v for k, v in metrics.items() if k != "provenance"}))
-                        tags = {"variant": variant, "parent": name, "ppl_definition": metrics["ppl_definition"]}
+                        tags = {"variant": variant, "parent": name}
+                        # n/a: the algorithm cannot make this variant; the reason instead of numbers
+                        na = {"na": metrics["na"]} if "na" in metrics else None
+                        tags |= na or {"ppl_definition": metrics["ppl_definition"]}
                         mlflow.set_tags(tags)
                 mlflow.set_tag(SUMMARY_TAG, digest)  # complete: from now on this result counts as logged
         except Exception:
@@ -145,3 +149,37 @@ def log_comparison(cfg: TrackingCfg, data: Mapping[str, Any], artifacts: list[Pa
             for path in artifacts:
                 mlflow.log_artifact(str(path))
         return run.info.run_id
+
+
+def variants_page(cfg: TrackingCfg, experiment_run: str | None = None) -> str:
+    """The MLflow UI page (the part after its base URL) that shows one DVC experiment's variants side
+    by side: their runs as rows sorted by perplexity, and a chart of each metric with a bar per
+    variant. `experiment_run`: the parent run's name (a DVC experiment), default the latest.
+
+    Raises:
+        UserError: the store has no quantorder runs yet.
+    """
+    import mlflow
+
+    from quantorder.errors import UserError
+
+    mlflow.set_tracking_uri(tracking_uri(cfg, project_root()))
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    search = "tags.kind = 'experiment'" + (f" and attributes.run_name = '{experiment_run}'" if experiment_run else "")
+    parents = (
+        mlflow.search_runs([experiment.experiment_id], search, order_by=["start_time DESC"], output_format="list")
+        if experiment
+        else []
+    )
+    if not parents:
+        which = f"run {experiment_run!r}" if experiment_run else "runs"
+        raise UserError(f"MLflow experiment {cfg.experiment!r} has no quantorder {which} yet; run `dvc repro` first")
+    state = {
+        "workflowType": "machine_learning",  # MLflow 3 opens experiments on a GenAI overview otherwise
+        "compareRunsMode": "CHART",
+        "searchFilter": f"tags.kind = 'variant' and tags.parent = '{parents[0].info.run_name}'",
+        "orderByKey": "metrics.`ppl`",
+        "orderByAsc": "true",
+    }
+    query = urllib.parse.urlencode(state, quote_via=urllib.parse.quote)
+    return f"/#/experiments/{experiment.experiment_id}/runs?{query}"

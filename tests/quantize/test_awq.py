@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
+from quantorder.config import AWQCfg, RTNCfg
 from quantorder.errors import UserError
-from quantorder.merge import dequantize, linear_weight
-from quantorder.models import load_model, load_tokenizer, random_model
-from quantorder.quantize.awq import AWQCfg, AWQQuantizer, load_scales
-from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+from quantorder.models import load_tokenizer, random_model
+from quantorder.quantize import load_model
+from quantorder.quantize.awq import AWQQuantizer, load_scales
+from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer as Packed
+from quantorder.quantize.rtn import RTNQuantizer
 
 from ..conftest import TINY_ARCH, calibration_samples, layer_inputs
 
@@ -58,8 +60,8 @@ def test_awq_beats_rtn_on_activation_weighted_error(outlier_dir, calibration, qu
     for name in LAYERS:
         x, w = layer_inputs(float_model, calibration, name), dict(float_model.named_modules())[name].weight.double()
         # AWQ stores Q(W diag(s)) and divides the previous norm by s: its weight seen from x is Q(W s) / s
-        w_awq = linear_weight(modules[awq_dir][name]).double() / scale_of[name].double()
-        w_rtn = linear_weight(modules[rtn_dir][name]).double()
+        w_awq = Packed.linear_weight(modules[awq_dir][name]).double() / scale_of[name].double()
+        w_rtn = Packed.linear_weight(modules[rtn_dir][name]).double()
         err_awq, err_rtn = (torch.linalg.norm(x @ (w - q).T.detach()).item() for q in (w_awq, w_rtn))
         assert err_awq < 0.7 * err_rtn, (name, err_awq, err_rtn)
 
@@ -91,7 +93,7 @@ def test_reload_gives_same_logits_as_dequantized_float_model(quantized):
     with torch.no_grad():
         a = first(input_ids=x).logits.float()
         b = load_model(awq_dir, "bfloat16", CPU)(input_ids=x).logits.float()
-        c = dequantize(first, torch.bfloat16)(input_ids=x).logits.float()
+        c = Packed.dequantize(first, torch.bfloat16)(input_ids=x).logits.float()
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=2e-2, rtol=2e-2)
 

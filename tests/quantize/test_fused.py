@@ -8,9 +8,11 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from quantorder.merge import is_int_linear
-from quantorder.models import load_model, random_model
-from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+from quantorder.config import RTNCfg
+from quantorder.models import random_model
+from quantorder.quantize import load_model
+from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer as Packed
+from quantorder.quantize.rtn import RTNQuantizer
 
 CPU = torch.device("cpu")
 PHI3 = {
@@ -35,7 +37,7 @@ def test_phi3_quantized_checkpoint_keeps_fused_gate_up_and_computes_like_the_flo
 
     quantized = load_model(tmp_path / "q", "bfloat16", CPU)
     gate_up = quantized.model.layers[1].mlp.gate_up_proj
-    assert is_int_linear(gate_up) and gate_up.out_features == 2 * PHI3["intermediate_size"]
+    assert Packed.is_quantized_linear(gate_up) and gate_up.out_features == 2 * PHI3["intermediate_size"]
     x = torch.randint(0, PHI3["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = load_model(tmp_path / "float", "bfloat16", CPU)(input_ids=x).logits.float()

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from quantorder import progress
-from quantorder.models import load_model
-from quantorder.quantize.base import BACKEND_LOG
-from quantorder.quantize.gptq import GPTQCfg, GPTQQuantizer
-from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+from quantorder.config import GPTQCfg, RTNCfg
+from quantorder.quantize import load_model
+from quantorder.quantize.gptq import GPTQQuantizer
+from quantorder.quantize.gptqmodel_backend import BACKEND_LOG
+from quantorder.quantize.rtn import RTNQuantizer
 
 from ..conftest import calibration_samples, layer_inputs
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantorder.models import load_model
-from quantorder.quantize import ALGORITHMS
+from quantorder.config import ALGO_CONFIGS
+from quantorder.quantize import ALGORITHMS, load_model
 
 from ..conftest import calibration_samples
 
@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 def test_transformers_and_gptqmodel_load_the_same_model(algo, tiny_dir, tmp_path):
     from gptqmodel import BACKEND, GPTQModel
 
-    quantizer = ALGORITHMS[algo](ALGORITHMS[algo].config_class(name=algo, group_size=32))
+    quantizer = ALGORITHMS[algo](ALGO_CONFIGS[algo](name=algo, group_size=32))
     calibration = calibration_samples(tiny_dir, 8)
     quantizer.quantize(tiny_dir, calibration if quantizer.requires_calibration else None, tmp_path, "float32")
     x = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from quantorder.config import RTNCfg
 from quantorder.errors import UserError
-from quantorder.merge import dequantize
-from quantorder.models import load_model
 from quantorder.provenance import hash_dir
-from quantorder.quantize import ALGORITHMS, get_quantizer
-from quantorder.quantize.rtn import RTNCfg, RTNQuantizer
+from quantorder.quantize import ALGORITHMS, get_quantizer, load_model
+from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer as Packed
+from quantorder.quantize.rtn import RTNQuantizer
 
 CPU = torch.device("cpu")
 
@@ -59,7 +59,7 @@ def test_reload_gives_same_logits_as_dequantized_float_model(rtn_dir):
     with torch.no_grad():
         a = first(input_ids=x).logits
         b = load_model(rtn_dir, "float32", CPU)(input_ids=x).logits
-        c = dequantize(first, torch.float32)(input_ids=x).logits
+        c = Packed.dequantize(first, torch.float32)(input_ids=x).logits
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=1e-4, rtol=1e-4)
 

@@ -22,29 +22,16 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from quantorder.config import AlgoCfg
 from quantorder.errors import UserError
-from quantorder.quantize.base import GPTQModelQuantizer
+from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer
 
 SCALES_FILE = Path("awq") / "scales.safetensors"
 CLIP_ROWS = 64  # GPTQModel's clip search walks output rows in blocks of 64 (or 256)
-
-
-@dataclass
-class AWQCfg(AlgoCfg):
-    """AWQ settings."""
-
-    duo_scaling: bool = True  # s from activation and weight statistics (AWQ paper); false: activations only
-    clip: bool = True  # search each group's clipping range after scaling
-    chunked_search: bool = True  # lower peak memory during the search, same scales
-
-    allowed_bits: ClassVar[tuple[int, ...]] = (4,)
 
 
 @contextlib.contextmanager
@@ -100,9 +87,11 @@ def load_scales(model_dir: Path) -> dict[str, tuple[list[str], torch.Tensor]]:
 
 
 class AWQQuantizer(GPTQModelQuantizer):
+    """Settings: config.AWQCfg."""
+
     name = "awq"
-    config_class = AWQCfg
     requires_calibration = True
+    checkpoint_formats: ClassVar[tuple[str, ...]] = ("awq",)
 
     def check(self, model: torch.nn.Module) -> None:
         super().check(model)

@@ -1,76 +1,38 @@
-"""The quantizer interface, and its implementation on GPTQModel shared by the int-packed algorithms."""
+"""The quantization-method interface: everything format-specific lives behind it.
+
+A method quantizes and saves; loads its checkpoints for evaluation and for training (kernel
+choice); reads back the float weight of a quantized layer (merging, update survival);
+accounts for stored bits; and says which variants it cannot make, and why.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import Any, ClassVar
 
 import torch
 
 from quantorder.config import AlgoCfg
 from quantorder.errors import UserError
-from quantorder.io import captured_output, read_json, write_json
-from quantorder.models import set_gptqmodel_workers
-from quantorder.progress import Progress
-from quantorder.quantize.fused import fuse_split_layers
-
-BACKEND_LOG = "backend.log"
-
-
-@contextlib.contextmanager
-def layer_progress(model: torch.nn.Module, desc: str, out: TextIO) -> Iterator[None]:
-    """Report, on `out`, how many decoder layers the backend has finished: it quantizes them in
-    order, and a layer's first forward pass means the ones before it are done."""
-    layers = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers"))
-    bar = Progress(len(layers), desc, unit="layers", out=out)
-    started: set[int] = set()
-
-    def on_forward(index: int):
-        def hook(*_) -> None:
-            if index not in started:
-                started.add(index)
-                bar.update(len(started) - 1)
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(on_forward(i)) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        bar.update(len(layers))
-        bar.close()
-
-
-def drop_scratch_path(out_dir: Path) -> None:
-    """Blank the temp dir GPTQModel offloaded layers to, which it records in the checkpoint's configs:
-    a scratch path is no property of the model, and it gave every run of one quantization another hash."""
-    for path in (out_dir / "config.json", out_dir / "quantize_config.json"):
-        config = read_json(path)
-        meta = config.get("quantization_config", config).get("meta") or {}
-        if meta.get("offload_to_disk_path") is not None:
-            meta["offload_to_disk_path"] = None
-            write_json(path, config)
+from quantorder.models import float_model_from_state
 
 
 class Quantizer(ABC):
-    """Quantizes a float model dir into a self-describing dir that transformers can load.
+    """One quantization method: `Quantizer(cfg)` -> `check(model)` (shape constraints, before any
+    slow work) -> `quantize(model_dir, calibration, out_dir, dtype)`; then, for the dirs it wrote,
+    `load`, `is_quantized_linear` / `linear_weight`, `dequantize` and `stored_bits`.
 
-    Lifecycle: `Quantizer(cfg)` -> `check(model)` (shape constraints, before any slow work)
-    -> `quantize(model_dir, calibration, out_dir)`. Subclasses set `name`, `config_class` and
-    `requires_calibration`, and register in `quantize/__init__.py`.
+    Subclasses set `name` (the `algo.name` it serves, whose settings class is in config.py),
+    `requires_calibration` and `checkpoint_formats` (the `quant_method` values of the
+    checkpoints it loads), and register in `quantize/__init__.py`.
     """
 
     name: ClassVar[str]
-    config_class: ClassVar[type[AlgoCfg]]
     requires_calibration: ClassVar[bool]
     backend: ClassVar[str]
+    checkpoint_formats: ClassVar[tuple[str, ...]]
 
     def __init__(self, cfg: AlgoCfg) -> None:
         self.cfg = cfg
@@ -94,55 +56,54 @@ class Quantizer(ABC):
                     f"use a group size that divides every input width (or -1)"
                 )
 
+    def unsupported_variants(self) -> dict[str, str]:
+        """Variant -> why this method cannot make it (the report shows "n/a: reason"); none by default."""
+        return {}
+
     @abstractmethod
     def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
         """Write the quantized model into `out_dir`; return a record of backend and settings."""
 
-
-class GPTQModelQuantizer(Quantizer):
-    """Quantizers backed by GPTQModel: it packs weights into the GPTQ (or AWQ) checkpoint format
-    that transformers, vLLM and SGLang load, so size on disk and kernels are the real ones."""
-
-    backend = "gptqmodel"
-
+    @classmethod
     @abstractmethod
-    def backend_config(self) -> Any:
-        """The GPTQModel quantization config for `self.cfg`."""
+    def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
+        """A transformers model of a checkpoint this method wrote, with the kernels for `device`:
+        the fastest for evaluation, or ones that pass gradients through for training (q_ft)."""
 
-    def compute_dtype(self, dtype: str) -> str:
-        """The dtype the model is loaded in for quantizing, given the model config's dtype."""
-        return dtype
+    @classmethod
+    @abstractmethod
+    def is_quantized_linear(cls, module: torch.nn.Module) -> bool:
+        """Whether `module` is one of this method's quantized linear layers."""
 
-    def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
-        """Quantize the loaded GPTQModel model in place; return extra records (files go in `out_dir`)."""
-        model.quantize(calibration)
-        return {}
+    @classmethod
+    @abstractmethod
+    def linear_weight(cls, module: torch.nn.Module) -> torch.Tensor:
+        """The (out, in) float weight a quantized linear layer computes with."""
 
-    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
-        set_gptqmodel_workers()
-        model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # GPTQModel logs every layer with progress bars; keep its log beside the weights instead
-        # of in the stage output, and run it in a scratch dir because it writes ./logs/.
-        with (
-            captured_output(out_dir / BACKEND_LOG) as console,
-            tempfile.TemporaryDirectory() as scratch,
-            contextlib.chdir(scratch),
-        ):
-            from gptqmodel import GPTQModel
+    @classmethod
+    @abstractmethod
+    def stored_bits(cls, module: torch.nn.Module) -> int:
+        """Bits a quantized linear layer stores for its weight (codes, scales, zero points)."""
 
-            dtype = self.compute_dtype(dtype)
-            model = GPTQModel.load(str(model_dir), self.backend_config(), dtype=getattr(torch, dtype))
-            self.check(model.model)
-            with layer_progress(model.model, f"[quantize] {self.name}", console):
-                extra = self.run(model, calibration, out_dir)
-            model.save(str(out_dir))
-        drop_scratch_path(out_dir)
-        fused = fuse_split_layers(out_dir)
-        return {
-            "backend": self.backend,
-            "backend_version": importlib.metadata.version("gptqmodel"),
-            "dtype": dtype,
-            **({"fused_after_saving": len(fused)} if fused else {}),
-            **extra,
-        }
+    @classmethod
+    def dequantize(cls, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        """A plain float transformers model whose linear layers hold the dequantized weights."""
+        state: dict[str, torch.Tensor] = {}
+        quantized = []
+        for name, module in model.named_modules():
+            if cls.is_quantized_linear(module):
+                state[f"{name}.weight"] = cls.linear_weight(module).to(dtype).contiguous()
+                if getattr(module, "bias", None) is not None:
+                    state[f"{name}.bias"] = module.bias.to(dtype)
+                quantized.append(f"{name}.")
+        for name, tensor in model.state_dict().items():
+            if not name.startswith(tuple(quantized)):
+                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return float_model_from_state(model, state, dtype)
+
+    @classmethod
+    def bits_per_weight(cls, model: torch.nn.Module) -> float | None:
+        """Stored bits per weight of the quantized linear layers, or None if there are none."""
+        layers = [m for m in model.modules() if cls.is_quantized_linear(m)]
+        weights = sum(m.in_features * m.out_features for m in layers)
+        return sum(cls.stored_bits(m) for m in layers) / weights if weights else None

@@ -16,34 +16,15 @@ layer's Hessian, quantizes it, and packs the result in the GPTQ checkpoint forma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from quantorder.config import AlgoCfg, raise_problems, require
-from quantorder.quantize.base import GPTQModelQuantizer
-
-
-@dataclass
-class GPTQCfg(AlgoCfg):
-    """GPTQ settings."""
-
-    desc_act: bool = False  # act-order: better accuracy, slower kernels on some backends
-    damp_percent: float = 0.01  # higher: more stable, less exact
-    static_groups: bool = False  # with desc_act: fix group boundaries before reordering
-    true_sequential: bool = True  # quantize sub-layers in order, feeding quantized outputs forward
-
-    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        p: list[str] = []
-        require(p, 0 < self.damp_percent < 1, f"algo.damp_percent={self.damp_percent}: must be in (0, 1)")
-        raise_problems(p)
+from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer
 
 
 class GPTQQuantizer(GPTQModelQuantizer):
+    """Settings: config.GPTQCfg."""
+
     name = "gptq"
-    config_class = GPTQCfg
     requires_calibration = True
 
     def backend_config(self) -> Any:

@@ -12,23 +12,15 @@ result in the GPTQ checkpoint format, the same one GPTQ and AWQ runs load throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from quantorder.config import AlgoCfg
-from quantorder.quantize.base import GPTQModelQuantizer
-
-
-@dataclass
-class RTNCfg(AlgoCfg):
-    """Round-to-nearest settings."""
-
-    allowed_bits: ClassVar[tuple[int, ...]] = (4, 8)
+from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer
 
 
 class RTNQuantizer(GPTQModelQuantizer):
+    """Settings: config.RTNCfg."""
+
     name = "rtn"
-    config_class = RTNCfg
     requires_calibration = False
 
     def backend_config(self) -> Any:
