@@ -26,7 +26,7 @@ repro: install
 	dvc repro
 
 test: install
-	pytest
+	pytest -n 2 --dist loadfile   # two workers: the end-to-end modules run side by side
 
 lint: install
 	ruff check src stages tests benchmarks scripts

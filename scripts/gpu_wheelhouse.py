@@ -9,9 +9,8 @@ Compiled sdist-only packages (pypcre) travel as sdists and build on the host.
 Usage (with the project's venv):
     python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow]
 On the host:
-    pip install --no-deps --no-index --target /tmp/site .gpu-wheels/*.whl
-    pip install --no-deps --no-build-isolation --target /tmp/site .gpu-wheels/*.tar.gz
-    export PYTHONPATH=/tmp/site:$PWD/src
+    pip install --no-deps --no-index --no-build-isolation --target /tmp/site .gpu-wheels/*.whl .gpu-wheels/*.tar.gz .
+    export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH   (docs/gpu.md: why one pip call)
 """
 
 from __future__ import annotations

@@ -94,3 +94,9 @@ def rtn_dir(tmp_path_factory, tiny_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_rtn")
     RTNQuantizer(RTNCfg(name="rtn", bits=4, group_size=32)).quantize(tiny_dir, None, out, "float32")
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests first: under `pytest -n 2 --dist loadfile` (make test) each slow module starts
+    at once on its own worker, and the quick modules fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

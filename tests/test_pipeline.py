@@ -45,11 +45,23 @@ def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("project"))
 
 
+# for the determinism test, in a fresh clone: every stage kind (prepare, calibrate, finetune, merge,
+# quantize of the base and of a merged model, evaluate) of both orders
+FRESH_TARGETS = ["evaluate@ft", "evaluate@q_ft_merge_q"]
+FRESH_VARIANTS = [t.split("@")[1] for t in FRESH_TARGETS]
+
+
 @pytest.fixture(scope="module")
-def first_run(project) -> dict:
-    """The first experiment (RTN) in the project: its log and its numbers."""
+def first_run(project, tmp_path_factory) -> dict:
+    """The first experiment (RTN) in the project, its log and numbers; meanwhile, the same config
+    runs in a fresh clone of the project (its numbers, for the determinism test)."""
+    fresh = make_project(tmp_path_factory.mktemp("fresh"))
+    cmd = ["dvc", "exp", "run", "-S", "+experiment=tiny", *FRESH_TARGETS]
+    clone = subprocess.Popen(cmd, cwd=fresh, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
-    return {"log": log, "numbers": _numbers(project)}
+    clone_log = clone.communicate()[0]
+    assert clone.returncode == 0, clone_log[-3000:]
+    return {"log": log, "numbers": _numbers(project), "fresh": _numbers(fresh, FRESH_VARIANTS)}
 
 
 def test_full_grid_then_algo_switch_reuses_the_float_chain(project, first_run):
@@ -143,10 +155,10 @@ def test_editing_code_makes_exactly_the_stages_that_run_it_stale(project):
 TIMINGS = {"peak_mem_bytes", "eval_tokens_per_s", "eval_seconds"}
 
 
-def _numbers(project: Path) -> dict:
-    """Every variant's metrics and per-example NLL, without timings and the repo's own commit."""
+def _numbers(project: Path, variants: list[str] = list(VARIANTS)) -> dict:
+    """Each variant's metrics and per-example NLL, without timings and the repo's own commit."""
     numbers = {}
-    for v in VARIANTS:
+    for v in variants:
         metrics = json.loads((project / "metrics/eval" / f"{v}.json").read_text())
         m = {k: x for k, x in metrics.items() if k not in TIMINGS}
         m["provenance"].pop("git_commit")
@@ -154,12 +166,12 @@ def _numbers(project: Path) -> dict:
     return numbers
 
 
-def test_same_config_and_seed_give_identical_metrics_in_a_fresh_clone(project, first_run, tmp_path):
+def test_same_config_and_seed_give_identical_metrics_in_a_fresh_clone(first_run):
     """Determinism on a CPU: the first experiment's results (RTN) against a fresh copy of the project
-    running the same config from nothing."""
-    fresh = make_project(tmp_path / "fresh")
-    run(["dvc", "exp", "run", "-S", "+experiment=tiny"], fresh)
-    assert _numbers(fresh) == first_run["numbers"]  # model hashes included: the same checkpoints, byte for byte
+    running the same config from nothing, at the same time."""
+    assert first_run["fresh"] == {v: first_run["numbers"][v] for v in FRESH_VARIANTS}
+    # model hashes included (provenance): the same checkpoints, adapters and merged models, byte for byte
+    assert first_run["fresh"]["q_ft_merge_q"][0]["provenance"]["model_sha256"]
 
 
 def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], int]:
@@ -224,6 +236,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_up(url: str, server: subprocess.Popen, timeout_s: float = 90) -> None:
+    """Wait until the MLflow server started as `server` answers at `url`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def ui(project):
     """The project's store behind `mlflow server` on a free localhost port; yields (url, mlflow client)."""
@@ -242,14 +266,7 @@ def ui(project):
     server = subprocess.Popen([*cmd, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
+        _wait_until_up(url, server)
         yield url, mlflow.MlflowClient(store)
     finally:
         server.terminate()
@@ -310,14 +327,7 @@ def test_quantorder_ui_lands_on_the_variants_side_by_side(ui, browser, project, 
         assert line.startswith("open http://127.0.0.1:"), line
         url = line.split()[1]
         base = url.split("/#/")[0]
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "quantorder ui did not start"
-                time.sleep(0.5)
+        _wait_until_up(base, server)
         shown = _page_text(browser, url, [*VARIANTS, "ppl", f"{len(VARIANTS)} matching runs"])
         browser.save_screenshot(str(tmp_path / "variants.png"))
         rows = [a.text for a in browser.find_elements("css selector", "a") if a.text in VARIANTS]

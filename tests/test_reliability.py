@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from .project import env, executed, make_project, run
@@ -41,9 +42,10 @@ def clean(tmp_path_factory) -> Path:
 
 
 def _copy(clean: Path, tmp_path: Path) -> Path:
-    """The finished project as another clone would have it: workspace, git, DVC cache and lock."""
+    """The finished project (workspace, git, dvc.lock, DVC cache) without DVC's run-cache, so that a
+    killed stage cannot be restored from an earlier run of it: DVC must run it again."""
     project = tmp_path / "project"
-    shutil.copytree(clean, project, symlinks=True)
+    shutil.copytree(clean, project, symlinks=True, ignore=lambda d, _: ["runs"] if d.endswith("/.dvc/cache") else [])
     return project
 
 
@@ -78,11 +80,15 @@ def _same(a: dict, b: dict) -> None:
 
 
 def _kill_during(project: Path, stage: str, ready, log: Path) -> None:
-    """Run `stage` again (`dvc repro --force --single-item`, which first removes its outputs) and
-    SIGKILL its process group once `ready()` holds, as a lost machine would; it must still be running."""
+    """Run `stage` as if it had never completed (its entry gone from `dvc.lock`, as after a crash
+    mid-stage) and SIGKILL its process group once `ready()` holds, as a lost machine would; it must
+    still be running."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    del lock["stages"][stage]
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["dvc", "repro", "--force", "--single-item", stage],
+            ["dvc", "repro", "--single-item", stage],
             cwd=project,
             env=env(),
             stdout=out,
@@ -98,8 +104,8 @@ def _kill_during(project: Path, stage: str, ready, log: Path) -> None:
 
 
 def _rerun(project: Path) -> str:
-    """The next `dvc repro` (the run-cache off: it must recompute, not restore what the clean run made)."""
-    return run(["dvc", "repro", "--no-run-cache", *TARGETS], project)
+    """The next `dvc repro`."""
+    return run(["dvc", "repro", *TARGETS], project)
 
 
 def test_killed_finetune_resumes_from_its_checkpoint_and_ends_identical(clean, tmp_path):
