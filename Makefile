@@ -26,7 +26,8 @@ repro: install
 	dvc repro
 
 test: install
-	pytest -n 2 --dist loadfile   # two workers: the end-to-end modules run side by side
+	# two workers, one thread each: the end-to-end modules run side by side, without oversubscribing the cores
+	OMP_NUM_THREADS=1 pytest -n 2 --dist loadfile
 
 lint: install
 	ruff check src stages tests benchmarks scripts

@@ -250,7 +250,8 @@ def _wait_until_up(url: str, server: subprocess.Popen, timeout_s: float = 90) ->
 
 @pytest.fixture(scope="module")
 def ui(project):
-    """The project's store behind `mlflow server` on a free localhost port; yields (url, mlflow client)."""
+    """What the README tells a user to run: `quantorder ui --run NAME` on the project's store (one
+    experiment's parent run NAME), on a free localhost port. Yields (the page it prints, NAME, client)."""
     if not (CHROMIUM and DRIVER):
         missing = "headless Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)"
         if os.environ.get("QUANTORDER_REQUIRE_BROWSER"):  # set by .ci/run: there the test must run
@@ -260,21 +261,26 @@ def ui(project):
         run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
     import mlflow
 
-    store, port = f"sqlite:///{project / 'mlflow.db'}", _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen([*cmd, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("quantorder").experiment_id])
+    name = next(r.info.run_name for r in runs if r.data.tags.get("kind") == "experiment")
+    cmd = [sys.executable, "-m", "quantorder", "ui", "--port", str(_free_port()), "--run", name]
+    server = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_until_up(url, server)
-        yield url, mlflow.MlflowClient(store)
+        line = server.stdout.readline()
+        assert line.startswith("open http://127.0.0.1:"), line
+        page = line.split()[1]
+        _wait_until_up(page.split("/#/")[0], server)
+        yield page, name, client
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser():
+    """A fresh headless Chromium per test: MLflow keeps a page's sort and filter in the browser's
+    local storage, and one test's view must not become the next one's."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -307,39 +313,27 @@ def _page_text(browser, url: str, expected: list[str], timeout_s: float = 60) ->
     return text
 
 
-def test_quantorder_ui_lands_on_the_variants_side_by_side(ui, browser, project, tmp_path):
-    """What the README tells a user to run: `quantorder ui` starts MLflow's UI on the project's store
-    and prints the page where one experiment's variants are rows, sorted by perplexity, beside a
-    chart with a bar per variant."""
-    _, client = ui
+def test_quantorder_ui_lands_on_the_variants_side_by_side(ui, browser, tmp_path):
+    """The page `quantorder ui` prints: one experiment's variants as rows, sorted by perplexity,
+    beside a chart with a bar per variant."""
+    page, name, client = ui
     experiment = client.get_experiment_by_name("quantorder")
     runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("kind") == "experiment")
-    name = parent.info.run_name
+    parent = next(r for r in runs if r.info.run_name == name and r.data.tags.get("kind") == "experiment")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_ppl = [r.info.run_name for r in sorted(variants, key=lambda r: r.data.metrics["ppl"])]
     assert sorted(by_ppl) == sorted(VARIANTS)
 
-    cmd = [sys.executable, "-m", "quantorder", "ui", "--port", str(_free_port()), "--run", name]
-    server = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("open http://127.0.0.1:"), line
-        url = line.split()[1]
-        base = url.split("/#/")[0]
-        _wait_until_up(base, server)
-        shown = _page_text(browser, url, [*VARIANTS, "ppl", f"{len(VARIANTS)} matching runs"])
-        browser.save_screenshot(str(tmp_path / "variants.png"))
-        rows = [a.text for a in browser.find_elements("css selector", "a") if a.text in VARIANTS]
-        assert rows == by_ppl, (rows, shown[:2000])  # the table: one row per variant, best first
-        assert "Sort: ppl" in shown and "/runs?" in browser.current_url  # the runs page, not a GenAI overview
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    shown = _page_text(browser, page, [*VARIANTS, "ppl", f"{len(VARIANTS)} matching runs"])
+    browser.save_screenshot(str(tmp_path / "variants.png"))
+    rows = [a.text for a in browser.find_elements("css selector", "a") if a.text in VARIANTS]
+    assert rows == by_ppl, (rows, shown[:2000])  # the table: one row per variant, best first
+    assert "Sort: ppl" in shown and "/runs?" in browser.current_url  # the runs page, not a GenAI overview
 
 
 def test_the_ui_shows_runs_metrics_and_the_chart(ui, browser, tmp_path):
-    url, client = ui
+    page, _, client = ui
+    url = page.split("/#/")[0]
     experiment = client.get_experiment_by_name("quantorder")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("kind") != "comparison"]

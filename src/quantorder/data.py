@@ -10,6 +10,7 @@ import json
 import random
 import string
 import textwrap
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,9 +224,20 @@ def package_prose(package: str, version: str) -> str:
     """
     docs = []
     for _, tree, _ in package_modules(package, version, "calib"):
-        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]
+        nodes = [tree, *_class_defs(tree)]
         docs += [doc for node in nodes if (doc := ast.get_docstring(node))]
     return "\n\n".join(docs)
+
+
+def _class_defs(tree: ast.Module) -> Iterator[ast.ClassDef]:
+    """The class definitions in `tree`, in `ast.walk`'s order, without descending into expressions
+    (which hold no statements): on SymPy, in a third of the full walk's time."""
+    todo = deque([tree])
+    while todo:
+        node = todo.popleft()
+        if isinstance(node, ast.ClassDef):
+            yield node
+        todo.extend(child for child in ast.iter_child_nodes(node) if not isinstance(child, ast.expr))
 
 
 def calibration_text(cfg: CalibCfg) -> str:

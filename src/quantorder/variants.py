@@ -71,9 +71,7 @@ VARIANTS: dict[str, Variant] = {
     "base_q": Variant(BASE_Q, quantized=True),
     "ft": Variant(BASE_DIR, ADAPTERS_DIR / "ft", reference=True),
     "ft_q": Variant(BASE_Q, ADAPTERS_DIR / "ft", quantized=True, finetuned_first=True),
-    "ft_merge_q": Variant(
-        QUANTIZED_DIR / "ft_merge_q", quantized=True, requantizes=MERGES["ft"], finetuned_first=True
-    ),
+    "ft_merge_q": Variant(QUANTIZED_DIR / "ft_merge_q", quantized=True, requantizes=MERGES["ft"], finetuned_first=True),
     "q_ft": Variant(BASE_Q, ADAPTERS_DIR / "q_ft", quantized=True),
     "q_ft_merge_q": Variant(QUANTIZED_DIR / "q_ft_merge_q", quantized=True, requantizes=MERGES["q_ft"]),
 }
