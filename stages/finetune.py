@@ -56,5 +56,6 @@ def main() -> str | None:
     checkpoint.clear()  # the adapter is in place: nothing left to resume
     return f"[finetune@{name}] {result.describe()} -> {out}"
 
+
 if __name__ == "__main__":
     run_stage(main)

@@ -1,4 +1,5 @@
-"""Stage merge@X: fold adapter X into its base; a quantized base is dequantized first.
+"""Stage merge@X: fold an adapter into a base (quantorder.variants.MERGES[X]); a quantized base is
+dequantized first.
 
 Usage: dvc repro merge@ft   (or python stages/merge.py ft)
 """

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from quantorder.layout import MERGED_DIR
 from quantorder.variants import FINETUNES, MERGES, QUANTIZATIONS, VARIANTS
 
 from .conftest import ROOT
@@ -88,6 +89,8 @@ def test_quantize_finetune_merge_items_match_the_variants_module():
     assert STAGES["finetune"]["foreach"] == {k: str(v) for k, v in FINETUNES.items()}
     merges = {k: {"base": str(m.base), "adapter": str(m.adapter)} for k, m in MERGES.items()}
     assert STAGES["merge"]["foreach"] == merges
+    assert STAGES["merge"]["do"]["outs"] == ["models/merged/${key}"]
+    assert all(m.out == MERGED_DIR / k for k, m in MERGES.items())
 
 
 def test_float_chain_does_not_depend_on_algo():

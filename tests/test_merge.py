@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from quantorder.merge import merge_adapter
 from quantorder.quantize import load_model
@@ -31,6 +32,23 @@ def test_merged_model_equals_base_plus_adapter(request, base, adapter_dir):
     assert effect > 1e-3  # the adapter changes the output
     # exact up to float32 rounding; AWQ's kernel computes in bf16 (8-bit mantissa), the merged model in float32
     assert (merged - expected).abs().max() < (2e-2 if base == "awq_dir" else 1e-4) * max(1.0, effect)
+
+
+def test_an_adapter_trained_on_the_quantized_base_merges_into_the_float_base_exactly(tmp_path, tiny_dir, rtn_dir):
+    """An adapter trained on the quantized base (q_ft), folded into the float base: W + scaling * B @ A, bit for bit."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    get_peft_model(load_model(rtn_dir, "float32", CPU, training=True), config).save_pretrained(tmp_path)
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    base = load_model(tiny_dir, "float32", CPU).state_dict()
+    merged = merge_adapter(tiny_dir, tmp_path, "float32", CPU).state_dict()
+    lora_b = [k for k in adapter if ".lora_B." in k]
+    assert len(lora_b) == 14  # every linear layer of both blocks
+    for key in lora_b:
+        name = key.removeprefix("base_model.model.").replace(".lora_B.weight", ".weight")
+        expected = base[name] + (adapter[key] @ adapter[key.replace("lora_B", "lora_A")]) * (8 / 4)
+        assert torch.equal(merged[name], expected), name
+        assert not torch.equal(merged[name], base[name]), name
 
 
 def test_merged_model_saves_and_reloads_as_float(tmp_path, rtn_dir, adapter_dir):

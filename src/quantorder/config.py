@@ -49,6 +49,7 @@ class ModelCfg:
     revision: str | None = None  # hub commit/tag; pin it for reproducible runs
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    group_size: int = 128  # the quantization group size that suits this model; group-wise algo configs default to it
     # source=random: a transformers config (`model_type` and its fields) built with seeded random
     # weights, next to a BPE tokenizer trained on the train split (tests, and runs without the hub)
     architecture: dict | None = None
@@ -64,6 +65,8 @@ class ModelCfg:
         if self.source == "random":
             arch = self.architecture or {}
             require(p, "model_type" in arch, "model.source=random needs model.architecture with a model_type")
+        ok_group = self.group_size == -1 or (self.group_size >= 16 and self.group_size & (self.group_size - 1) == 0)
+        require(p, ok_group, f"model.group_size={self.group_size}: must be -1 or a power of two >= 16")
         raise_problems(p)
 
 
@@ -208,8 +211,69 @@ class AWQCfg(AlgoCfg):
     allowed_bits: typing.ClassVar[tuple[int, ...]] = (4,)  # the AWQ (GEMM) checkpoint format packs 4 bits
 
 
+@dataclass
+class BnB4bitCfg(AlgoCfg):
+    """bitsandbytes 4-bit settings (conf/algo/nf4.yaml, fp4.yaml): each block of `group_size` weights
+    is scaled by its absolute maximum onto 16 code values (nf4: normal-distribution quantiles, fp4: a
+    4-bit float). Symmetric by construction: no zero point."""
+
+    group_size: int = 64  # bitsandbytes' block size
+    double_quant: bool = True  # quantize the block scales too (8-bit, blocks of 256): ~0.4 fewer bits per weight
+    compute_dtype: str = "bfloat16"  # the dtype the 4-bit layers compute in
+
+    allowed_bits: typing.ClassVar[tuple[int, ...]] = (4,)
+    block_sizes: typing.ClassVar[tuple[int, ...]] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    compute_dtypes: typing.ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p: list[str] = []
+        sizes = ", ".join(map(str, self.block_sizes))
+        require(
+            p,
+            self.group_size in self.block_sizes,
+            f"algo.group_size={self.group_size}: allowed for {self.name}: {sizes}",
+        )
+        dtypes = ", ".join(self.compute_dtypes)
+        require(
+            p,
+            self.compute_dtype in self.compute_dtypes,
+            f"algo.compute_dtype={self.compute_dtype!r}: allowed: {dtypes}",
+        )
+        require(p, not self.sym, f"algo.sym=true: {self.name} is symmetric by construction; leave algo.sym false")
+        raise_problems(p)
+
+
+@dataclass
+class BnBInt8Cfg(AlgoCfg):
+    """bitsandbytes LLM.int8() settings (conf/algo/int8-bnb.yaml): int8 weights with one absmax scale
+    per output row; at run time, input features with an outlier above `threshold` go through a
+    float matmul."""
+
+    bits: int = 8
+    group_size: int = -1  # one scale per row
+    threshold: float = 6.0  # outlier threshold for activations (LLM.int8 paper: 6.0); 0: no outlier path
+
+    allowed_bits: typing.ClassVar[tuple[int, ...]] = (8,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p: list[str] = []
+        require(p, self.group_size == -1, f"algo.group_size={self.group_size}: {self.name} scales per row; use -1")
+        require(p, self.threshold >= 0, f"algo.threshold={self.threshold}: must be >= 0")
+        require(p, not self.sym, f"algo.sym=true: {self.name} is symmetric by construction; leave algo.sym false")
+        raise_problems(p)
+
+
 # algo.name -> its settings; quantize/__init__.py maps the same names to their implementations
-ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {"rtn": RTNCfg, "gptq": GPTQCfg, "awq": AWQCfg}
+ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {
+    "rtn": RTNCfg,
+    "gptq": GPTQCfg,
+    "awq": AWQCfg,
+    "nf4": BnB4bitCfg,
+    "fp4": BnB4bitCfg,
+    "int8-bnb": BnBInt8Cfg,
+}
 
 
 @dataclass

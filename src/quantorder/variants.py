@@ -17,22 +17,19 @@ BASE_Q = QUANTIZED_DIR / "base_q"  # quantize(base): the starting point of every
 
 @dataclass(frozen=True)
 class Merge:
-    """merge@X: adapter X folded into `base` (dequantized first if quantized), saved in float."""
+    """merge@X: adapter `adapter` folded into `base` (dequantized first if quantized), saved in float to `out`."""
 
     base: Path
     adapter: Path
-
-    @property
-    def out(self) -> Path:
-        return MERGED_DIR / self.adapter.name
+    out: Path
 
 
 # finetune@X: the model adapter X is trained on
 FINETUNES: dict[str, Path] = {"ft": BASE_DIR, "q_ft": BASE_Q}
 # merge@X
 MERGES: dict[str, Merge] = {
-    "ft": Merge(BASE_DIR, ADAPTERS_DIR / "ft"),
-    "q_ft": Merge(BASE_Q, ADAPTERS_DIR / "q_ft"),
+    "ft": Merge(BASE_DIR, ADAPTERS_DIR / "ft", MERGED_DIR / "ft"),
+    "q_ft": Merge(BASE_Q, ADAPTERS_DIR / "q_ft", MERGED_DIR / "q_ft"),  # into the dequantized base it trained on
 }
 # quantize@X: the float model quantized into models/quantized/X
 QUANTIZATIONS: dict[str, Path] = {

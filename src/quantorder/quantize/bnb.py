@@ -1,0 +1,141 @@
+"""bitsandbytes: NF4 and FP4 (QLoRA's 4-bit formats) and LLM.int8(), no calibration.
+
+Sample configs (conf/algo/nf4.yaml, fp4.yaml, int8-bnb.yaml):
+    name: nf4            # or fp4
+    group_size: 64       # weights per absmax scale (bitsandbytes' block size)
+    double_quant: true   # the scales quantized too
+    compute_dtype: bfloat16
+    ---
+    name: int8-bnb
+    threshold: 6.0       # activation outlier threshold of LLM.int8()
+transformers quantizes while loading (`BitsAndBytesConfig`) and saves the packed weights with their
+quantization state; every stage loads them back the same way. A block size other than
+bitsandbytes' default (64) is applied by quantizing each layer again from its float weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from quantorder.config import BnB4bitCfg
+from quantorder.models import load_float, load_pretrained, torch_dtype
+from quantorder.quantize.base import Quantizer
+
+DEFAULT_BLOCK_SIZE = 64  # what transformers' BitsAndBytesConfig quantizes with
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+class BitsAndBytesQuantizer(Quantizer):
+    """Settings: config.BnB4bitCfg (nf4, fp4) or config.BnBInt8Cfg (int8-bnb)."""
+
+    backend = "bitsandbytes"
+    requires_calibration = False
+    checkpoint_formats: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Nothing to check: blocks run over the flattened weight, so any layer width works."""
+
+    def backend_config(self) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        if isinstance(self.cfg, BnB4bitCfg):
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.cfg.name,
+                bnb_4bit_use_double_quant=self.cfg.double_quant,
+                bnb_4bit_compute_dtype=torch_dtype(self.cfg.compute_dtype),
+            )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.cfg.threshold)
+
+    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_pretrained(
+            model_dir, dtype=torch_dtype(dtype), quantization_config=self.backend_config(), device_map={"": str(device)}
+        )
+        if isinstance(self.cfg, BnB4bitCfg) and self.cfg.group_size != DEFAULT_BLOCK_SIZE:
+            self._requantize_blocks(model, load_float(model_dir, dtype, torch.device("cpu")))
+        model.save_pretrained(out_dir)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, out_dir / name)
+        return {"backend": self.backend, "backend_version": importlib.metadata.version("bitsandbytes"), "dtype": dtype}
+
+    def _requantize_blocks(self, model: torch.nn.Module, float_model: torch.nn.Module) -> None:
+        """Quantize every 4-bit layer again from its float weight with the configured block size."""
+        import bitsandbytes as bnb
+
+        floats = dict(float_model.named_modules())
+        for name, module in model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = floats[name].weight.data.to(module.weight.device)
+                module.weight = bnb.nn.Params4bit(
+                    weight,
+                    requires_grad=False,
+                    blocksize=self.cfg.group_size,
+                    compress_statistics=self.cfg.double_quant,
+                    quant_type=self.cfg.name,
+                    module=module,
+                ).to(module.weight.device)
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
+        """Through transformers, which reads the quantization state saved beside each weight; the same
+        layers serve evaluation and training (gradients flow through the dequantized weight)."""
+        return load_pretrained(model_dir, dtype=torch_dtype(dtype), device_map={"": str(device)})
+
+    @classmethod
+    def is_quantized_linear(cls, module: torch.nn.Module) -> bool:
+        import bitsandbytes as bnb
+
+        return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+    @classmethod
+    def linear_weight(cls, module: torch.nn.Module) -> torch.Tensor:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        if isinstance(module, bnb.nn.Linear4bit):
+            return F.dequantize_4bit(*_saved_layout(module))
+        weight = module.weight  # Int8Params: int8 codes, one absmax scale per row
+        codes = weight.CB if weight.CB is not None else weight.data
+        return codes.float() * weight.SCB.float()[:, None] / 127
+
+    @classmethod
+    def stored_bits(cls, module: torch.nn.Module) -> int:
+        import bitsandbytes as bnb
+
+        if isinstance(module, bnb.nn.Linear4bit):  # what the checkpoint holds: codes, scales, code books, layout
+            codes, state = _saved_layout(module)
+            tensors = [codes, *(t for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor))]
+        else:
+            tensors = [module.weight.data, module.weight.SCB]
+        return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+
+def _saved_layout(module: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """A 4-bit layer's codes and quantization state as saved: on a CPU with AVX512-BF16, bitsandbytes
+    repacks them for its kernel at the first inference forward pass."""
+    import bitsandbytes.functional as F
+
+    codes, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        codes, state = F._convert_weight_packed_for_cpu_inverse(codes, copy.copy(state))
+    return codes, state
+
+
+class NF4Quantizer(BitsAndBytesQuantizer):
+    name = "nf4"
+
+
+class FP4Quantizer(BitsAndBytesQuantizer):
+    name = "fp4"
+
+
+class Int8Quantizer(BitsAndBytesQuantizer):
+    name = "int8-bnb"
