@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import conf, model_with_tokenizer, publish
+from common import ROOT, conf, model_with_tokenizer, publish
 
 from quantorder.calibration import draw_windows
-from quantorder.config import CalibCfg, algo_config_class, as_dict, build, raise_problems
+from quantorder.cli import composed
+from quantorder.config import CalibCfg, as_dict, parse_config
 from quantorder.data import package_prose
 from quantorder.models import resolve_device
 from quantorder.provenance import device_name, library_versions
@@ -58,9 +59,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    problems: list[str] = []
-    algo = build(algo_config_class(args.algo, problems), conf("algo", args.algo), "algo", problems)
-    raise_problems(problems)
+    algo = parse_config(composed([f"model={args.model}", f"algo={args.algo}"], ROOT / "conf")).algo
     quantizer = get_quantizer(algo)
     calib = conf("calib", "sympy-docs")
     calib_cfg = CalibCfg(**{**calib, "n_samples": args.n_samples, "seq_len": args.seq_len})

@@ -52,11 +52,16 @@ def test_package_must_be_installed_at_the_pinned_version():
         _cfg(package=None)
 
 
-def test_build_is_deterministic_and_splits_disjoint(tmp_path):
+@pytest.fixture(scope="module")
+def built() -> tuple[dict, dict]:
+    """The splits and source record of `_cfg()` (split seed 0), built once for this module."""
+    return build_splits(_cfg())
+
+
+def test_build_is_deterministic_and_splits_disjoint(tmp_path, built):
     cfg = _cfg()
     manifests = []
-    for run in ("a", "b"):
-        splits, source = build_splits(cfg)
+    for run, (splits, source) in (("a", built), ("b", build_splits(cfg))):
         (tmp_path / run).mkdir()
         manifests.append(write_splits(tmp_path / run, splits, source, cfg))
     assert manifests[0]["sha256"] == manifests[1]["sha256"]
@@ -72,8 +77,8 @@ def test_build_is_deterministic_and_splits_disjoint(tmp_path):
     assert not prompts["val"] & prompts["test"]
 
 
-def test_split_seed_changes_the_split_but_not_the_pool():
-    a, _ = build_splits(_cfg(split_seed=0))
+def test_split_seed_changes_the_split_but_not_the_pool(built):
+    a, _ = built
     b, _ = build_splits(_cfg(split_seed=1))
     assert a["test"] != b["test"]
 

@@ -12,8 +12,8 @@ import yaml
 from quantorder.errors import UserError
 
 
-def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Path("params.yaml")) -> None:
-    """Compose conf/ with Hydra overrides into params.yaml (what `dvc exp run -S` does), validated.
+def composed(overrides: list[str], conf_dir: Path = Path("conf")) -> dict:
+    """conf/ composed with Hydra overrides (what `dvc exp run -S` does), interpolations resolved, validated.
 
     Raises:
         UserError: an unknown group choice or key, or a value the schemas reject.
@@ -25,7 +25,6 @@ def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Pat
     from omegaconf.errors import OmegaConfBaseException
 
     from quantorder.config import parse_config
-    from quantorder.io import write_text
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
@@ -34,7 +33,14 @@ def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Pat
         raise UserError(" ".join(str(e).split())) from e
     params = OmegaConf.to_container(cfg, resolve=True)
     parse_config(params)
-    write_text(out, yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Path("params.yaml")) -> None:
+    """Compose conf/ with Hydra overrides into params.yaml, validated (see `composed`)."""
+    from quantorder.io import write_text
+
+    write_text(out, yaml.safe_dump(composed(overrides, conf_dir), sort_keys=False))
 
 
 def compare(out: Path, mlflow: bool) -> None:
