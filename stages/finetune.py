@@ -45,8 +45,7 @@ def main() -> str | None:
     hashes = read_json(base / PROVENANCE_FILE)["sha256"], read_json(QA_DIR / "manifest.json")["sha256"]
     run = run_record(ft, cfg.seed, cfg.data.template, cfg.model.dtype, *hashes)
     checkpoint = Checkpointer(CHECKPOINTS_DIR / f"finetune@{name}", ft.checkpoint_every, fingerprint(run))
-    # the first process writes the adapter; the others train along and keep nothing
-    with atomic_dir(out) if lead else tempfile.TemporaryDirectory() as tmp:
+    with atomic_dir(out) if lead else tempfile.TemporaryDirectory() as tmp:  # only rank 0 keeps its adapter
         result = train_loop(model, train, val, ft, tokenizer.pad_token_id, cfg.seed, Path(tmp) / TRAIN_LOG, checkpoint)
         if lead:
             save_adapter(model, Path(tmp), run, result, base=str(base))

@@ -4,20 +4,16 @@ dequantized first.
 Usage: dvc repro merge@ft   (or python stages/merge.py ft)
 """
 
-import shutil
-
 from quantorder.availability import mark_na
 from quantorder.config import load_config
 from quantorder.io import atomic_dir, read_json, write_json
 from quantorder.layout import PROVENANCE_FILE
 from quantorder.memory import process_peak_memory
 from quantorder.merge import merge_adapter
-from quantorder.models import is_quantized, resolve_device
+from quantorder.models import copy_tokenizer, is_quantized, resolve_device
 from quantorder.provenance import hash_dir, library_versions
 from quantorder.stage import run_stage, stage_target
 from quantorder.variants import MERGES
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def main() -> str:
@@ -29,9 +25,7 @@ def main() -> str:
     merged = merge_adapter(base, adapter, cfg.model.dtype, resolve_device(cfg.model.device))
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
-        for f in TOKENIZER_FILES:
-            if (base / f).is_file():
-                shutil.copy(base / f, tmp / f)
+        copy_tokenizer(base, tmp)
         write_json(
             tmp / PROVENANCE_FILE,
             {

@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,3 +246,13 @@ def float_model_from_state(model, state: dict[str, torch.Tensor], dtype: torch.d
 def dir_size(path: str | Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
     """Bytes of the weight files in `path` (top level only: subdirs hold records such as AWQ's scales)."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.suffix in suffixes)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files `src` has into `dst`, beside a model saved there."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from quantorder.config import BnB4bitCfg
-from quantorder.models import load_float, load_pretrained, torch_dtype
+from quantorder.models import copy_tokenizer, load_float, load_pretrained, torch_dtype
 from quantorder.quantize.base import Quantizer
 
 DEFAULT_BLOCK_SIZE = 64  # what transformers' BitsAndBytesConfig quantizes with
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 class BitsAndBytesQuantizer(Quantizer):
@@ -61,9 +59,7 @@ class BitsAndBytesQuantizer(Quantizer):
         if isinstance(self.cfg, BnB4bitCfg) and self.cfg.group_size != DEFAULT_BLOCK_SIZE:
             self._requantize_blocks(model, load_float(model_dir, dtype, torch.device("cpu")))
         model.save_pretrained(out_dir)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy(model_dir / name, out_dir / name)
+        copy_tokenizer(model_dir, out_dir)
         return {"backend": self.backend, "backend_version": importlib.metadata.version("bitsandbytes"), "dtype": dtype}
 
     def _requantize_blocks(self, model: torch.nn.Module, float_model: torch.nn.Module) -> None:
