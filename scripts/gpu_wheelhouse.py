@@ -7,7 +7,7 @@ downloaded as a cp312 manylinux wheel, or built into a wheel here where only an 
 Compiled sdist-only packages (pypcre) travel as sdists and build on the host.
 
 Usage (with the project's venv):
-    python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow]
+    python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow] [--cuda 130]
 On the host:
     pip install --no-deps --no-index --no-build-isolation --target /tmp/site .gpu-wheels/*.whl .gpu-wheels/*.tar.gz .
     export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH   (docs/gpu.md: why one pip call)
@@ -22,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOTS = [
     "transformers", "peft", "optimum", "accelerate", "gguf", "safetensors", "tokenizers", "dvc", "hydra-core",
-    "gptqmodel", "threadpoolctl", "device-smi", "pypcre", "tokenicer", "logbar", "defuser", "dill", "filelock",
+    "gptqmodel", "bitsandbytes", "threadpoolctl", "device-smi", "pypcre", "tokenicer", "logbar", "defuser", "dill",
+    "filelock",
     "sympy",  # pinned: the embedded default's data and calibration text are built from its source
     "pytest",  # to run the GPU tests (pytest -m gpu) on the host
 ]  # fmt: skip
@@ -36,10 +38,12 @@ HOST_HAS_PREFIXES = ("nvidia-", "cuda-")
 NOT_NEEDED = {"datasets"}  # hub datasets only; the embedded default builds its data locally
 LEAVES = {"gptqmodel"}  # installed without its metadata's requirements (see Makefile); ROOTS lists its needs
 COMPILED_SDISTS = {"pypcre"}  # no manylinux wheel: built on the host
+# bitsandbytes ships a native library per CUDA release (40+ MB in all); the host needs its own only
+NATIVE_LIBS = re.compile(r"bitsandbytes/libbitsandbytes_(cuda\d+|rocm\d+|xpu\d*)\.so$")
 PLATFORM = [
     "--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
     "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
-    "--platform", "manylinux_2_28_x86_64", "--platform", "any",
+    "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform", "any",
 ]  # fmt: skip
 
 
@@ -74,6 +78,24 @@ def gpu_extra() -> dict[str, str]:
     return {normalize(name): version for name, version in pins}
 
 
+def keep_one_cuda(wheel: Path, cuda: str) -> None:
+    """Drop from a bitsandbytes wheel every native library but the CPU one and the CUDA `cuda` one
+    (e.g. "130" for CUDA 13.0), RECORD included."""
+    with zipfile.ZipFile(wheel) as src:
+        drop = {n for n in src.namelist() if NATIVE_LIBS.search(n) and not n.endswith(f"_cuda{cuda}.so")}
+        stripped = wheel.with_suffix(".tmp")
+        with zipfile.ZipFile(stripped, "w", zipfile.ZIP_DEFLATED) as dst:
+            for item in src.infolist():
+                if item.filename in drop:
+                    continue
+                data = src.read(item)
+                if item.filename.endswith(".dist-info/RECORD"):
+                    rows = data.decode().splitlines(keepends=True)
+                    data = "".join(r for r in rows if r.split(",")[0] not in drop).encode()
+                dst.writestr(item, data)
+    stripped.replace(wheel)
+
+
 def pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--no-deps"], capture_output=True, text=True)
 
@@ -81,6 +103,7 @@ def pip(*args: str) -> subprocess.CompletedProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dest", type=Path)
+    parser.add_argument("--cuda", default="130", help="the host's CUDA release for bitsandbytes (torch.version.cuda)")
     parser.add_argument("--with-mlflow", action="store_true", help="also carry mlflow (large); else disable tracking")
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
@@ -100,6 +123,8 @@ def main() -> None:
         built = list(Path(sdists).iterdir())
         if built and pip("wheel", "-w", str(args.dest), *map(str, built)).returncode:
             sys.exit(f"error: could not build wheels from {[p.name for p in built]}")
+    for wheel in args.dest.glob("bitsandbytes-*.whl"):
+        keep_one_cuda(wheel, args.cuda)
     size = sum(p.stat().st_size for p in args.dest.iterdir())
     print(f"{len(wanted)} packages, {size / 2**20:.1f} MiB in {args.dest}")
 

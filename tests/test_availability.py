@@ -17,15 +17,17 @@ from .conftest import ROOT
 
 def test_each_artifact_knows_the_variants_that_need_it():
     assert users(QUANTIZED_DIR / "q_ft_merge_q") == ["q_ft_merge_q"]
-    assert users(ADAPTERS_DIR / "q_ft") == ["q_ft", "q_ft_merge_q"]  # directly, and through merge@q_ft
+    # directly, and through merge@q_ft and merge@q_ft_fmerge
+    assert users(ADAPTERS_DIR / "q_ft") == ["q_ft", "q_ft_merge_q", "q_ft_fmerge", "q_ft_fmerge_q"]
     assert users(MERGED_DIR / "ft") == ["ft_merge_q"]
+    assert users(MERGED_DIR / "q_ft_fmerge") == ["q_ft_fmerge", "q_ft_fmerge_q"]
     assert users(BASE_DIR) == list(VARIANTS)
     assert set(users(BASE_Q)) == set(VARIANTS) - {"base", "ft"}  # ft_merge_q: its update is measured against it
 
 
 def test_an_artifact_only_unsupported_variants_need_becomes_a_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    unsupported = {"q_ft": "cannot train on this format", "q_ft_merge_q": "cannot train on this format"}
+    unsupported = dict.fromkeys(users(ADAPTERS_DIR / "q_ft"), "cannot train on this format")
     assert mark_na(BASE_Q, [BASE_DIR], unsupported) is None  # other variants need base_q
     (tmp_path / BASE_Q).mkdir(parents=True)
     (tmp_path / BASE_Q / "quantorder.json").write_text(json.dumps({"unsupported_variants": unsupported}))

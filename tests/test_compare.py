@@ -12,8 +12,8 @@ from quantorder.variants import VARIANTS
 
 # perplexities per algorithm in VARIANTS order; seed s adds 0.1 * s to every variant (ft too)
 PPL = {
-    "gptq 4-bit g64": dict(zip(VARIANTS, [14.0, 15.5, 7.0, 8.2, 8.3, 7.6, 12.0])),
-    "rtn 4-bit g64": dict(zip(VARIANTS, [14.0, 18.0, 7.0, 10.5, 10.9, 8.5, 18.0])),
+    "gptq 4-bit g64": dict(zip(VARIANTS, [14.0, 15.5, 7.0, 8.2, 8.3, 7.6, 12.0, 7.3, 8.0])),
+    "rtn 4-bit g64": dict(zip(VARIANTS, [14.0, 18.0, 7.0, 10.5, 10.9, 8.5, 18.0, 7.4, 11.0])),
 }
 
 
@@ -66,6 +66,11 @@ def test_grid_aggregates_seeds_and_names_the_winners(tmp_path):
     assert "`q_ft` is the best quantized variant" in data["verdict"] and "in all 3 seeds" in data["verdict"]
     assert "For `q_ft`, gptq 4-bit g64 has the lowest perplexity (7.700; rtn 4-bit g64 8.600)" in data["verdict"]
     assert json.loads(files[0].read_text())["winners"]["order"]["rtn 4-bit g64"]["best"] == "q_ft"
+    # the merge base as a factor: the q_ft adapter folded into the float base vs the dequantized one
+    assert (
+        "Merge base, float (`q_ft_fmerge_q`) or dequantized (`q_ft_merge_q`): gptq 4-bit g64: `q_ft_fmerge_q` "
+        "(8.100 vs 12.100; float base lower in 3/3 seeds)" in data["verdict"]
+    )
 
 
 def test_a_conclusion_that_flips_between_seeds_is_flagged():

@@ -1,17 +1,19 @@
-"""On a CUDA GPU: GPTQ and AWQ quantize there, load with the int4 kernels a GPU host serves with
-(Marlin for inference, Triton / torch for training), agree with the same checkpoint evaluated on
-the CPU, and train LoRA. Skipped without a GPU (CI has none)."""
+"""On a CUDA GPU: GPTQ, AWQ and bitsandbytes (NF4, LLM.int8()) quantize there, load with the kernels
+a GPU host serves with (GPTQModel's Marlin for inference, Triton / torch for training;
+bitsandbytes' CUDA kernels), agree with the same checkpoint evaluated on the CPU, train LoRA and
+merge as on the CPU. Skipped without a GPU (CI has none)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from quantorder.config import AWQCfg, GPTQCfg
+from quantorder.config import AWQCfg, BnB4bitCfg, BnBInt8Cfg, GPTQCfg
 from quantorder.merge import merge_adapter
 from quantorder.models import load_tokenizer
 from quantorder.quantize import load_model
 from quantorder.quantize.awq import AWQQuantizer
+from quantorder.quantize.bnb import Int8Quantizer, NF4Quantizer
 from quantorder.quantize.gptq import GPTQQuantizer
 
 from .conftest import TEMPLATE, calibration_samples
@@ -25,8 +27,16 @@ QUANTIZERS = {
     "gptq-sym": GPTQQuantizer(GPTQCfg(name="gptq", group_size=32, sym=True)),
     "gptq": GPTQQuantizer(GPTQCfg(name="gptq", group_size=32)),
     "awq": AWQQuantizer(AWQCfg(name="awq", group_size=32)),
+    "nf4": NF4Quantizer(BnB4bitCfg(name="nf4", group_size=32)),
+    "int8-bnb": Int8Quantizer(BnBInt8Cfg(name="int8-bnb")),
 }
-KERNELS = {"gptq-sym": "MarlinLinear", "gptq": "TritonV2Linear", "awq": "AwqMarlinLinear"}
+KERNELS = {
+    "gptq-sym": "MarlinLinear",
+    "gptq": "TritonV2Linear",
+    "awq": "AwqMarlinLinear",
+    "nf4": "Linear4bit",
+    "int8-bnb": "Linear8bitLt",
+}
 
 
 @pytest.fixture(scope="module", params=list(QUANTIZERS))

@@ -1,4 +1,4 @@
-"""End to end: `dvc exp run` on the tiny model makes all seven variants with RTN; a queued grid of GPTQ
+"""End to end: `dvc exp run` on the tiny model makes every variant with RTN; a queued grid of GPTQ
 and NF4 re-executes only the quantization chain of each; switching to NF4 afterwards restores every
 stage but the report from the run-cache; `quantorder compare` grids them; the MLflow UI shows them
 in a browser."""
@@ -32,11 +32,15 @@ QUANT_CHAIN = {
     "merge@q_ft",
     "quantize@ft_merge_q",
     "quantize@q_ft_merge_q",
+    "merge@q_ft_fmerge",
+    "quantize@q_ft_fmerge_q",
     "evaluate@base_q",
     "evaluate@ft_q",
     "evaluate@ft_merge_q",
     "evaluate@q_ft",
     "evaluate@q_ft_merge_q",
+    "evaluate@q_ft_fmerge",
+    "evaluate@q_ft_fmerge_q",
 }
 
 
@@ -77,7 +81,7 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project, first_run):
     assert metrics["ft"]["ppl"] < metrics["base"]["ppl"]  # fine-tuning helped
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert set(summary["ppl"]) == set(VARIANTS) and summary["gap_to_ft"]["ft"] == 0
-    assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q"}
+    assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q", "q_ft_fmerge_q"}
     shared = {"ppl_definition", "seed", "git_commit", "versions", "data_sha256", "base_sha256"}
     assert shared <= set(summary["provenance"])
     assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}  # paired-bootstrap intervals
@@ -202,7 +206,7 @@ def test_stage_reports_user_errors_in_one_line(project):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: variant 'nonsense' unknown (allowed: base, base_q, ft, ft_q, ft_merge_q, q_ft, q_ft_merge_q)"
+        f"error: variant 'nonsense' unknown (allowed: {', '.join(VARIANTS)})"
     )
     assert "Traceback" not in proc.stderr
 
@@ -349,7 +353,7 @@ def test_the_ui_shows_runs_metrics_and_the_chart(ui, browser, tmp_path):
     metrics = {k: v for k, v in parent.data.metrics.items() if k.startswith("ppl.")}
     assert {"ppl.base", "ppl.ft", "ppl.q_ft"} <= set(metrics)
     children = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 7
+    assert len(children) == len(VARIANTS)
     shown = _page_text(browser, f"{base}/runs/{parent.info.run_id}", ["ppl.q_ft", repr(metrics["ppl.q_ft"]), *children])
     assert repr(metrics["ppl.ft"]) in shown
     browser.save_screenshot(str(tmp_path / "run.png"))

@@ -17,7 +17,15 @@ from pathlib import Path
 from quantorder.config import algo_identity
 from quantorder.errors import UserError
 from quantorder.io import write_text
-from quantorder.variants import BASELINE, FINETUNED_FIRST, QUANTIZED_VARIANTS, TARGET, VARIANTS
+from quantorder.variants import (
+    BASELINE,
+    COMPARED,
+    FINETUNED_FIRST,
+    QUANTIZED_VARIANTS,
+    TARGET,
+    VARIANTS,
+    merge_base_pairs,
+)
 
 
 @dataclass
@@ -163,6 +171,7 @@ def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
                 else f"but not in all {n} seeds."
             )
         )
+    lines += [_merge_base(cells, f, q) for f, q in merge_base_pairs()]
     best_orders = {w["best"] for w in wins["order"].values()}
     for v, w in wins["algorithm"].items():
         if v not in best_orders:
@@ -175,6 +184,25 @@ def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
         holds = "in every shared seed" if w["every_seed"] else "but not in every shared seed"
         lines.append(f"For `{v}`, {w['best']} has the lowest perplexity ({w['mean_ppl']:.3f}; {others}), {holds}.")
     return " ".join(lines)
+
+
+def _merge_base(cells: dict[str, dict[str, Cell]], float_base: str, quantized_base: str) -> str:
+    """Which merge base wins per algorithm: the adapter folded into the float base, or into the
+    dequantized base it was trained on, each then quantized."""
+    rows = {a: row for a, row in cells.items() if float_base in row and quantized_base in row}
+    if not rows:
+        return ""
+    per_algo = []
+    for algo, row in rows.items():
+        f, q = row[float_base], row[quantized_base]
+        q_by_seed = dict(zip(q.seeds, q.ppl))
+        paired = [(p, q_by_seed[s]) for s, p in zip(f.seeds, f.ppl) if s in q_by_seed]
+        lower = sum(a < b for a, b in paired)
+        winner = float_base if f.mean < q.mean else quantized_base
+        per_algo.append(
+            f"{algo}: `{winner}` ({f.mean:.3f} vs {q.mean:.3f}; float base lower in {lower}/{len(paired)} seeds)"
+        )
+    return f"Merge base, float (`{float_base}`) or dequantized (`{quantized_base}`): " + "; ".join(per_algo) + "."
 
 
 def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
@@ -196,7 +224,7 @@ def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
 
 
 def chart(cells: dict[str, dict[str, Cell]], path: Path) -> None:
-    """The Olive study's chart for every algorithm: quantized variants as bars grouped by order, one
+    """The Olive study's chart for every algorithm: the deliverables as bars grouped by variant, one
     bar per algorithm (seed mean, sd as error bar); `base` and `ft` as horizontal lines."""
     import matplotlib
 
@@ -206,20 +234,16 @@ def chart(cells: dict[str, dict[str, Cell]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / len(cells)
     for i, (algo, row) in enumerate(cells.items()):
-        shown = [j for j, v in enumerate(QUANTIZED_VARIANTS) if v in row]
+        shown = [j for j, v in enumerate(COMPARED) if v in row]
         xs = [j + (i - (len(cells) - 1) / 2) * width for j in shown]
         bars = ax.bar(
-            xs,
-            [row[QUANTIZED_VARIANTS[j]].mean for j in shown],
-            width,
-            yerr=[row[QUANTIZED_VARIANTS[j]].sd for j in shown],
-            label=algo,
+            xs, [row[COMPARED[j]].mean for j in shown], width, yerr=[row[COMPARED[j]].sd for j in shown], label=algo
         )
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     first = next(iter(cells.values()))
     for v, style, color in ((BASELINE, "--", "gray"), (TARGET, "-", "#C44E52")):
         ax.axhline(first[v].mean, linestyle=style, color=color, label=f"{v} {first[v].mean:.2f}")
-    ax.set_xticks(range(len(QUANTIZED_VARIANTS)), QUANTIZED_VARIANTS)
+    ax.set_xticks(range(len(COMPARED)), COMPARED, fontsize=7)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("quantize before or after fine-tuning?")
     ax.legend(fontsize=7, ncol=2)

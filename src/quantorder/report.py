@@ -13,7 +13,7 @@ from pathlib import Path
 from quantorder.errors import UserError
 from quantorder.io import read_json, write_text
 from quantorder.stats import paired_gap_ci, read_samples
-from quantorder.variants import QUANTIZED_VARIANTS, REFERENCE_VARIANTS, TARGET, VARIANTS
+from quantorder.variants import COMPARED, QUANTIZED_VARIANTS, REFERENCE_VARIANTS, TARGET, VARIANTS
 
 
 def load_eval_metrics(eval_dir: Path) -> dict[str, dict]:
@@ -76,7 +76,7 @@ def plot_rows(summary: dict) -> list[dict]:
     return [
         {
             "variant": v,
-            "kind": "quantized" if v in QUANTIZED_VARIANTS else "reference",
+            "kind": "quantized" if v in QUANTIZED_VARIANTS else "reference" if v in REFERENCE_VARIANTS else "float",
             "ppl": summary["ppl"][v],
             "gap_to_ft_pct": summary["gap_to_ft_pct"][v],
             "size_mib": summary["size_mib"][v],
@@ -118,16 +118,18 @@ def markdown_table(summary: dict) -> str:
 
 
 def chart(summary: dict, path: Path) -> None:
-    """Bars for the quantized variants, horizontal lines for `base` and `ft` (the Olive study's layout)."""
+    """Bars for the deliverables (quantized ones dark, float ones light), horizontal lines for `base` and
+    `ft` (the Olive study's layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    shown = [v for v in QUANTIZED_VARIANTS if v in summary["ppl"]]
+    shown = [v for v in COMPARED if v in summary["ppl"]]
     ppl = [summary["ppl"][v] for v in shown]
-    bars = ax.bar(shown, ppl, color="#4C72B0")
+    bars = ax.bar(shown, ppl, color=["#4C72B0" if v in QUANTIZED_VARIANTS else "#A1C9F4" for v in shown])
+    ax.tick_params(axis="x", labelsize=7)
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     for v, style in zip(REFERENCE_VARIANTS, ("--", "-")):
         ax.axhline(

@@ -30,12 +30,14 @@ FINETUNES: dict[str, Path] = {"ft": BASE_DIR, "q_ft": BASE_Q}
 MERGES: dict[str, Merge] = {
     "ft": Merge(BASE_DIR, ADAPTERS_DIR / "ft", MERGED_DIR / "ft"),
     "q_ft": Merge(BASE_Q, ADAPTERS_DIR / "q_ft", MERGED_DIR / "q_ft"),  # into the dequantized base it trained on
+    "q_ft_fmerge": Merge(BASE_DIR, ADAPTERS_DIR / "q_ft", MERGED_DIR / "q_ft_fmerge"),  # into the float base
 }
 # quantize@X: the float model quantized into models/quantized/X
 QUANTIZATIONS: dict[str, Path] = {
     "base_q": BASE_DIR,
     "ft_merge_q": MERGES["ft"].out,
     "q_ft_merge_q": MERGES["q_ft"].out,
+    "q_ft_fmerge_q": MERGES["q_ft_fmerge"].out,
 }
 
 
@@ -71,12 +73,27 @@ VARIANTS: dict[str, Variant] = {
     "ft_merge_q": Variant(QUANTIZED_DIR / "ft_merge_q", quantized=True, requantizes=MERGES["ft"], finetuned_first=True),
     "q_ft": Variant(BASE_Q, ADAPTERS_DIR / "q_ft", quantized=True),
     "q_ft_merge_q": Variant(QUANTIZED_DIR / "q_ft_merge_q", quantized=True, requantizes=MERGES["q_ft"]),
+    "q_ft_fmerge": Variant(MERGES["q_ft_fmerge"].out),
+    "q_ft_fmerge_q": Variant(QUANTIZED_DIR / "q_ft_fmerge_q", quantized=True, requantizes=MERGES["q_ft_fmerge"]),
 }
 BASELINE = "base"  # the untouched model
 TARGET = "ft"  # the float fine-tune: every quantized variant's gap is measured against it
 QUANTIZED_VARIANTS = [v for v, spec in VARIANTS.items() if spec.quantized]
 REFERENCE_VARIANTS = [v for v, spec in VARIANTS.items() if spec.reference]
 FINETUNED_FIRST = [v for v, spec in VARIANTS.items() if spec.finetuned_first]
+COMPARED = [v for v, spec in VARIANTS.items() if not spec.reference]  # the deliverables: a bar each in the charts
+
+
+def merge_base_pairs() -> list[tuple[str, str]]:
+    """(float-base variant, quantized-base variant) pairs that requantize the same adapter merged into
+    the float base and into the dequantized quantized base: the merge base as a measured factor."""
+    requantized = {v: spec.requantizes for v, spec in VARIANTS.items() if spec.requantizes}
+    return [
+        (f, q)
+        for f, fm in requantized.items()
+        for q, qm in requantized.items()
+        if fm.adapter == qm.adapter and fm.base == BASE_DIR and qm.base == BASE_Q
+    ]
 
 
 def sources(path: Path) -> list[Path]:
