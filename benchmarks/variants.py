@@ -6,6 +6,7 @@ process (so peak memory is its own), with ratios against `base` measured in the 
 Usage (from the project root, after `dvc repro`):
     python benchmarks/variants.py                       # writes benchmarks/results/variants-<device>.{json,md}
     python benchmarks/variants.py --batch-sizes 1 16 --new-tokens 64 --repeats 5
+    python benchmarks/variants.py --variants base_q q_ft   # a subset (base is always measured: the baseline)
 """
 
 from __future__ import annotations
@@ -107,8 +108,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median counts)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path; a .md table is written beside it")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), metavar="V", help="variants to measure (default: all)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = parser.parse_args()
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        parser.error(f"--variants {' '.join(unknown)}: unknown (allowed: {', '.join(VARIANTS)})")
+    variants = ["base", *(v for v in args.variants if v != "base")]  # base: the baseline of every ratio
     if args.one:
         print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens, args.repeats)))
         return
@@ -120,7 +127,7 @@ def main() -> None:
         "variants": {},
     }
     out = args.out
-    for variant in VARIANTS:
+    for variant in variants:
         cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens)]
         cmd += ["--repeats", str(args.repeats), "--batch-sizes"]
         done = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True, check=True)
