@@ -171,7 +171,7 @@ def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
                 else f"but not in all {n} seeds."
             )
         )
-    lines += [_merge_base(cells, f, q) for f, q in merge_base_pairs()]
+    lines += [line for f, q in merge_base_pairs() if (line := _merge_base(cells, f, q))]
     best_orders = {w["best"] for w in wins["order"].values()}
     for v, w in wins["algorithm"].items():
         if v not in best_orders:
@@ -194,13 +194,11 @@ def _merge_base(cells: dict[str, dict[str, Cell]], float_base: str, quantized_ba
         return ""
     per_algo = []
     for algo, row in rows.items():
-        f, q = row[float_base], row[quantized_base]
-        q_by_seed = dict(zip(q.seeds, q.ppl))
-        paired = [(p, q_by_seed[s]) for s, p in zip(f.seeds, f.ppl) if s in q_by_seed]
-        lower = sum(a < b for a, b in paired)
+        f, q = row[float_base], row[quantized_base]  # a row's cells share its seeds (see grid)
+        lower = sum(a < b for a, b in zip(f.ppl, q.ppl))
         winner = float_base if f.mean < q.mean else quantized_base
         per_algo.append(
-            f"{algo}: `{winner}` ({f.mean:.3f} vs {q.mean:.3f}; float base lower in {lower}/{len(paired)} seeds)"
+            f"{algo}: `{winner}` ({f.mean:.3f} vs {q.mean:.3f}; float base lower in {lower}/{len(f.ppl)} seeds)"
         )
     return f"Merge base, float (`{float_base}`) or dequantized (`{quantized_base}`): " + "; ".join(per_algo) + "."
 
