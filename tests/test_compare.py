@@ -109,3 +109,22 @@ def test_an_na_variant_has_no_cell_and_no_win(tmp_path):
     assert winners(cells)["order"]["rtn 4-bit g64"]["best"] == "ft_q"
     data, files = write(from_exp_show(_show(rev)), tmp_path)
     assert "| rtn 4-bit g64 | `q_ft` | - | n/a |" in files[1].read_text()
+
+
+def test_compare_reads_a_saved_exp_show_from_another_host(tmp_path, monkeypatch, capsys):
+    """`dvc exp show --json` saved on a GPU host, compared where the project is: same grid as the library's."""
+    from quantorder.cli import main
+
+    saved = tmp_path / "exp_show.json"
+    saved.write_text(json.dumps(_show(_rev("a", "gptq 4-bit g64", 0), _rev("b", "gptq 4-bit g64", 1))))
+    monkeypatch.chdir(tmp_path)
+    main(["compare", "--no-mlflow", "--exp-show", str(saved), "--out", "grid"])
+    data = json.loads((tmp_path / "grid/grid.json").read_text())
+    assert data["experiments"] == ["a", "b"]
+    assert data["grid"]["gptq 4-bit g64"]["q_ft"]["ppl"] == pytest.approx([7.6, 7.7])
+    assert data["verdict"] in capsys.readouterr().out
+    saved.write_text("{not json")
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--no-mlflow", "--exp-show", str(saved)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: --exp-show {saved}: not a readable `dvc exp show --json` output")

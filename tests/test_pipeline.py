@@ -1,7 +1,7 @@
-"""End to end: `dvc exp run` on the tiny model makes every variant with RTN; a queued grid of GPTQ
-and NF4 re-executes only the quantization chain of each; switching to NF4 afterwards restores every
-stage but the report from the run-cache; `quantorder compare` grids them; the MLflow UI shows them
-in a browser."""
+"""End to end on the tiny model: `dvc exp run` of the float chain; a queued grid of GPTQ and NF4 that
+re-executes only the quantization chain of each and makes every variant; switching to NF4
+afterwards restores every stage but the report from the run-cache; `quantorder compare` grids
+them; the MLflow UI shows them in a browser."""
 
 from __future__ import annotations
 
@@ -50,14 +50,39 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(project) -> str:
-    """The first experiment (RTN) in the project: its log."""
-    return run(["dvc", "exp", "run", "-S", "+experiment=tiny"], project)
+def float_run(project) -> str:
+    """The first experiment: the float chain alone (`dvc exp run` of its stages). Its log."""
+    return run(["dvc", "exp", "run", "-S", "+experiment=tiny", *sorted(FLOAT_CHAIN)], project)
 
 
-def test_full_grid_then_algo_switch_reuses_the_float_chain(project, first_run):
-    first = first_run  # RTN
-    assert executed(first) == FLOAT_CHAIN | QUANT_CHAIN | {"report"}
+def test_float_chain_then_queued_grid_then_algo_switch(project, float_run):
+    assert executed(float_run) == FLOAT_CHAIN
+    assert "peak memory RSS" in float_run
+
+    # the grid of two algorithms, queued: each experiment runs only its quantization chain
+    run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,nf4"], project)
+    # two workers: both experiments at once, one MLflow store and one run-cache between them
+    # (`dvc queue start` returns when the queue is empty: started aside, so the queue can be watched)
+    starter = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=project, env=env(), stdout=subprocess.DEVNULL)
+    names, most_at_once = _wait_for_queue(project)
+    assert starter.wait() == 0 and len(names) == 2 and most_at_once == 2
+    logs = [run(["dvc", "queue", "logs", name], project) for name in names]
+    assert all(executed(log) == QUANT_CHAIN | {"report"} for log in logs), [executed(log) for log in logs]
+    timed = stage_times(float_run) | stage_times(logs[0])  # every stage's closing line carries its time
+    assert set(timed) == FLOAT_CHAIN | QUANT_CHAIN | {"report"} and all(s > 0 for s in timed.values())
+    shown = _experiment_summaries(project)
+    assert sorted(s["algo"].split()[0] for s in shown.values()) == ["gptq", "nf4"]
+    assert len({s["ppl"]["base"] for s in shown.values()}) == 1  # one float chain, shared
+    assert len({s["ppl"]["base_q"] for s in shown.values()}) == 2  # two different quantizations
+
+    third = run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=nf4"], project)
+    assert executed(third) == {"report"}  # everything else comes back from the run-cache the queue filled
+    assert "MLflow already has these results" in third
+    made = json.loads((project / "models/quantized/base_q/quantorder.json").read_text())
+    assert made["algo"]["name"] == "nf4" and made["backend"] == "bitsandbytes"
+    assert made["calibration_sha256"] is None  # bitsandbytes quantizes without calibration
+
+    # the workspace now holds every output of the nf4 experiment
     metrics = {v: json.loads((project / "metrics/eval" / f"{v}.json").read_text()) for v in VARIANTS}
     for name, m in metrics.items():
         assert m["ppl"] > 1 and m["n_tokens"] > 0, name
@@ -78,54 +103,28 @@ def test_full_grid_then_algo_switch_reuses_the_float_chain(project, first_run):
         peak = json.loads((project / "models" / made_dir / "quantorder.json").read_text())["peak_memory"]
         assert peak["rss_bytes"] > 50 * 2**20, made_dir
         assert peak["gpu_bytes"] is None or peak["gpu_bytes"] > 0, made_dir
-    assert "peak memory RSS" in first
-    timed = stage_times(first)  # every stage's closing line carries its time
-    assert set(timed) == FLOAT_CHAIN | QUANT_CHAIN | {"report"} and all(s > 0 for s in timed.values())
-    base_ppl = metrics["base"]["ppl"]
-
-    # the grid of the other algorithms, queued: each experiment runs only its quantization chain
-    run(["dvc", "exp", "run", "--queue", "-S", "+experiment=tiny", "-S", "algo=gptq,nf4"], project)
-    # two workers: both experiments at once, one MLflow store and one run-cache between them
-    # (`dvc queue start` returns when the queue is empty: started aside, so the queue can be watched)
-    starter = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=project, env=env(), stdout=subprocess.DEVNULL)
-    names, most_at_once = _wait_for_queue(project)
-    assert starter.wait() == 0 and len(names) == 2 and most_at_once == 2
-    for name in names:
-        assert executed(run(["dvc", "queue", "logs", name], project)) == QUANT_CHAIN | {"report"}, name
-    shown = _experiment_summaries(project)
-    assert sorted(s["algo"].split()[0] for s in shown.values()) == ["gptq", "nf4", "rtn"]
-    assert len({s["ppl"]["base"] for s in shown.values()}) == 1  # one float chain, shared
-    assert len({s["ppl"]["base_q"] for s in shown.values()}) == 3  # three different quantizations
-
-    third = run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=nf4"], project)
-    assert executed(third) == {"report"}  # everything else comes back from the run-cache the queue filled
-    assert "MLflow already has these results" in third
-    assert json.loads((project / "metrics/eval/base.json").read_text())["ppl"] == base_ppl
-    made = json.loads((project / "models/quantized/base_q/quantorder.json").read_text())
-    assert made["algo"]["name"] == "nf4" and made["backend"] == "bitsandbytes"
-    assert made["calibration_sha256"] is None  # bitsandbytes quantizes without calibration
 
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["quantorder"])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
-    assert len(parents) == 3 and len(runs) == 3 + 3 * len(VARIANTS)
+    assert len(parents) == 2 and len(runs) == 2 + 2 * len(VARIANTS)  # the float chain alone logs no run
     assert set(runs["tags.mlflow.runName"]) >= set(VARIANTS)
     assert parents["params.provenance.git_commit"].notna().all() and parents["params.provenance.seed"].eq("0").all()
     nested = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert nested["tags.ppl_definition"].notna().all() and nested["params.data_sha256"].notna().all()
 
-    # the cross-experiment grid: the three algorithms from `dvc exp show`, and one MLflow comparison run
+    # the cross-experiment grid: the two algorithms from `dvc exp show`, and one MLflow comparison run
     verdict = run([sys.executable, "-m", "quantorder", "compare"], project)
     grid = json.loads((project / "reports/compare/grid.json").read_text())
-    assert sorted(a.split()[0] for a in grid["grid"]) == ["gptq", "nf4", "rtn"]
+    assert sorted(a.split()[0] for a in grid["grid"]) == ["gptq", "nf4"]
     assert {a: row["base_q"]["mean"] for a, row in grid["grid"].items()} == {
         s["algo"]: s["ppl"]["base_q"] for s in shown.values()
     }
     assert "is the best quantized variant" in verdict and (project / "reports/compare/grid.png").stat().st_size > 10_000
     compared = mlflow.search_runs(experiment_names=["quantorder"], filter_string="tags.kind = 'comparison'")
-    assert len(compared) == 1 and compared["metrics.rtn_4-bit_g32.q_ft.ppl_mean"].notna().all()
+    assert len(compared) == 1 and compared["metrics.gptq_4-bit_g32.q_ft.ppl_mean"].notna().all()
 
 
 def test_editing_code_makes_exactly_the_stages_that_run_it_stale(project):
@@ -159,10 +158,11 @@ def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], 
 
 
 def _experiment_summaries(project: Path) -> dict[str, dict]:
-    """metrics/summary.json of every experiment `dvc exp show` lists, by experiment name."""
+    """metrics/summary.json of every experiment `dvc exp show` lists with one, by experiment name."""
     baseline = json.loads(run(["dvc", "exp", "show", "--json"], project))[1]
     revs = [rev for exp in baseline["experiments"] for rev in exp["revs"]]
-    return {rev["name"]: rev["data"]["metrics"]["metrics/summary.json"]["data"] for rev in revs}
+    summaries = {r["name"]: (r["data"]["metrics"].get("metrics/summary.json") or {}).get("data") for r in revs}
+    return {name: summary for name, summary in summaries.items() if summary}
 
 
 def test_stage_reports_user_errors_in_one_line(project):

@@ -43,19 +43,21 @@ def compose(overrides: list[str], conf_dir: Path = Path("conf"), out: Path = Pat
     write_text(out, yaml.safe_dump(composed(overrides, conf_dir), sort_keys=False))
 
 
-def compare(out: Path, mlflow: bool) -> None:
-    """`quantorder compare`: the grid of every finished DVC experiment, logged to MLflow if enabled."""
+def compare(out: Path, mlflow: bool, exp_show: Path | None = None) -> None:
+    """`quantorder compare`: the grid of every finished DVC experiment (of this project, or in a saved
+    `dvc exp show --json`), logged to MLflow if enabled."""
     from quantorder import compare as grid
     from quantorder.config import load_config
 
-    data, files = grid.write(grid.dvc_experiments(Path(".")), out)
+    experiments = grid.saved_experiments(exp_show) if exp_show else grid.dvc_experiments(Path("."))
+    data, files = grid.write(experiments, out)
     print(data["verdict"])
     print(f"wrote {', '.join(str(f) for f in files)}")
-    tracking = load_config().tracking
-    if mlflow and tracking.enabled:
-        from quantorder.tracking import log_comparison
+    if not mlflow or not (tracking := load_config().tracking).enabled:
+        return
+    from quantorder.tracking import log_comparison
 
-        print(f"MLflow run {log_comparison(tracking, data, files)} (experiment {tracking.experiment})")
+    print(f"MLflow run {log_comparison(tracking, data, files)} (experiment {tracking.experiment})")
 
 
 def ui(host: str, port: int, experiment_run: str | None) -> None:
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("compare", help="all DVC experiments as one grid: table, chart, verdict (+ an MLflow run)")
     p.add_argument("--out", type=Path, default=Path("reports/compare"), help="folder for grid.{md,png,json}")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the comparison run")
+    p.add_argument(
+        "--exp-show", type=Path, metavar="FILE", help="read `dvc exp show --json` saved here (e.g. on a GPU host)"
+    )
     p = sub.add_parser("ui", help="start the MLflow UI at the page with one experiment's variants side by side")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             compose(args.overrides)
             print("wrote params.yaml")
         elif args.command == "compare":
-            compare(args.out, mlflow=not args.no_mlflow)
+            compare(args.out, mlflow=not args.no_mlflow, exp_show=args.exp_show)
         elif args.command == "ui":
             ui(args.host, args.port, args.experiment_run)
         else:

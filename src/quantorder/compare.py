@@ -68,6 +68,14 @@ def dvc_experiments(root: Path) -> list[Experiment]:
     return from_exp_show(json.loads(done.stdout))
 
 
+def saved_experiments(path: Path) -> list[Experiment]:
+    """The finished experiments in `dvc exp show --json` output saved to `path`."""
+    try:
+        return from_exp_show(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--exp-show {path}: not a readable `dvc exp show --json` output ({e})") from e
+
+
 @dataclass
 class Cell:
     """One algorithm x variant across seeds."""

@@ -12,6 +12,7 @@ import string
 import textwrap
 from collections import deque
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 from quantorder.config import CalibCfg, DataCfg
@@ -76,22 +77,31 @@ def package_qa_rows(package: str, version: str, max_answer_chars: int) -> list[d
     Question: a public function's signature and docstring. Answer: its source without the docstring.
     Rows come out in a fixed order (sorted files, source order); duplicates are dropped.
     """
-    rows, seen = [], set()
+    return [
+        {"programming_language": "Python", "prompt": prompt, "response": answer}
+        for prompt, answer in _package_functions(package, version)
+        if len(answer) <= max_answer_chars
+    ]
+
+
+@cache
+def _package_functions(package: str, version: str) -> tuple[tuple[str, str], ...]:
+    """(question, answer) of each documented public function of the package, in source order,
+    without duplicates; the package is parsed once per process."""
+    pairs, seen = [], set()
     for module, tree, lines in package_modules(package, version, "data"):
         for qualname, fn in _functions(tree):
             doc = ast.get_docstring(fn)
             if not doc or len(doc) < 40 or len(fn.body) < 2:
                 continue
             answer = _answer_source(lines, fn)
-            if len(answer) > max_answer_chars:
-                continue
             signature = f"{qualname}({ast.unparse(fn.args)})"
             prompt = f"Write the function `{signature}` of the `{module}` module: {inspect.cleandoc(doc)}"
             key = hashlib.sha256((prompt + answer).encode()).hexdigest()
             if key not in seen:
                 seen.add(key)
-                rows.append({"programming_language": "Python", "prompt": prompt, "response": answer})
-    return rows
+                pairs.append((prompt, answer))
+    return tuple(pairs)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -217,8 +227,10 @@ def write_splits(out_dir: Path, splits: dict[str, list[dict]], source: dict, cfg
     return manifest
 
 
+@cache
 def package_prose(package: str, version: str) -> str:
-    """Module and class docstrings of a pinned package, in a fixed order: mostly English prose.
+    """Module and class docstrings of a pinned package, in a fixed order: mostly English prose
+    (parsed once per process).
 
     Disjoint from the package's Q&A rows, which quote function docstrings and source code only.
     """

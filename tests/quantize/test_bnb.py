@@ -60,9 +60,12 @@ def test_int8_weights_are_bitsandbytes_own_rowwise_codes(tmp_path, tiny_dir):
     for name, layer in layers.items():
         codes, scales, _ = F.int8_vectorwise_quant(floats[name].to(torch.float16))
         assert torch.equal(layer.weight.data, codes), name
-        weight = BitsAndBytesQuantizer.linear_weight(layer)
+        weight, bits = BitsAndBytesQuantizer.linear_weight(layer), BitsAndBytesQuantizer.stored_bits(layer)
         step = floats[name].abs().amax(dim=1, keepdim=True) / 127
         assert ((weight - floats[name]).abs() <= step / 2 + 1e-3).all(), name
+        layer.init_8bit_state()  # what a first forward pass on a GPU does: the scales move to the matmul state
+        assert torch.equal(BitsAndBytesQuantizer.linear_weight(layer), weight), name
+        assert BitsAndBytesQuantizer.stored_bits(layer) == bits == codes.numel() * 8 + scales.numel() * 32, name
 
 
 def test_nf4_base_trains_a_lora_adapter_that_reloads(tmp_path, tiny_dir, qa_rows):

@@ -98,9 +98,8 @@ class BitsAndBytesQuantizer(Quantizer):
 
         if isinstance(module, bnb.nn.Linear4bit):
             return F.dequantize_4bit(*_saved_layout(module))
-        weight = module.weight  # Int8Params: int8 codes, one absmax scale per row
-        codes = weight.CB if weight.CB is not None else weight.data
-        return codes.float() * weight.SCB.float()[:, None] / 127
+        codes, scales = _int8_layout(module)
+        return codes.float() * scales.float()[:, None] / 127
 
     @classmethod
     def stored_bits(cls, module: torch.nn.Module) -> int:
@@ -110,8 +109,16 @@ class BitsAndBytesQuantizer(Quantizer):
             codes, state = _saved_layout(module)
             tensors = [codes, *(t for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor))]
         else:
-            tensors = [module.weight.data, module.weight.SCB]
+            tensors = list(_int8_layout(module))
         return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+
+def _int8_layout(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LLM.int8() layer's int8 codes and per-row absmax scales. Its first forward pass on a GPU
+    moves them from the weight into the layer's matmul state (`Linear8bitLt.init_8bit_state`)."""
+    weight = module.weight
+    codes = weight.CB if weight.CB is not None else weight.data
+    return codes, weight.SCB if weight.SCB is not None else module.state.SCB
 
 
 def _saved_layout(module: torch.nn.Module) -> tuple[torch.Tensor, Any]:
