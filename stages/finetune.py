@@ -1,4 +1,5 @@
-"""Stage finetune@X: LoRA on the float base (ft) or on the quantized base (q_ft).
+"""Stage finetune@X: LoRA on the float base (ft), on the quantized base (q_ft), or on the float base
+fake-quantized on the algorithm's grid (qat).
 
 Usage: dvc repro finetune@ft   (or python stages/finetune.py ft)
 With finetune.devices=N (0: every GPU) it relaunches itself as N data-parallel torchrun processes.
@@ -10,15 +11,16 @@ from pathlib import Path
 from quantorder import distributed
 from quantorder.availability import mark_na
 from quantorder.checkpoint import Checkpointer, fingerprint
-from quantorder.config import load_config
+from quantorder.config import as_dict, load_config
 from quantorder.data import read_jsonl
 from quantorder.finetune import TRAIN_LOG, run_record, save_adapter, setup_data, setup_model, train_loop
 from quantorder.io import atomic_dir, read_json
 from quantorder.layout import ADAPTERS_DIR, CHECKPOINTS_DIR, PROVENANCE_FILE, QA_DIR
 from quantorder.models import check_seq_len, load_tokenizer, resolve_device
-from quantorder.quantize import load_model
+from quantorder.qat import apply_qat
+from quantorder.quantize import get_quantizer, load_model
 from quantorder.stage import print_config, run_stage, stage_target
-from quantorder.variants import FINETUNES
+from quantorder.variants import FINETUNES, QUANTIZATION_AWARE
 
 
 def main() -> str | None:
@@ -44,6 +46,11 @@ def main() -> str | None:
     model = setup_model(load_model(base, cfg.model.dtype, device, training=True), ft, cfg.seed)
     hashes = read_json(base / PROVENANCE_FILE)["sha256"], read_json(QA_DIR / "manifest.json")["sha256"]
     run = run_record(ft, cfg.seed, cfg.data.template, cfg.model.dtype, *hashes)
+    if name in QUANTIZATION_AWARE:
+        layers = apply_qat(model, get_quantizer(cfg.algo), cfg.qat.weight)
+        if lead:
+            print(f"[finetune@{name}] {layers} layers train against the {cfg.algo.name} grid ({cfg.qat.weight} weight)")
+        run |= {"qat": as_dict(cfg.qat), "algo": as_dict(cfg.algo)}
     checkpoint = Checkpointer(CHECKPOINTS_DIR / f"finetune@{name}", ft.checkpoint_every, fingerprint(run))
     with atomic_dir(out) if lead else tempfile.TemporaryDirectory() as tmp:  # only rank 0 keeps its adapter
         result = train_loop(model, train, val, ft, tokenizer.pad_token_id, cfg.seed, Path(tmp) / TRAIN_LOG, checkpoint)

@@ -107,6 +107,7 @@ def _mutated(default_params: dict, path: str, value) -> dict:
         ("finetune.dropout", 1.5, r"finetune.dropout=1.5: must be in \[0, 1\)"),
         ("finetune.target_modules", [], r"finetune.target_modules: must name at least one module"),
         ("finetune.devices", -1, r"finetune.devices=-1: must be >= 0 \(0: every visible GPU\)"),
+        ("qat.weight", "lora", r"qat.weight='lora': allowed: merged, base"),
         ("eval.max_seq_len", 4, r"eval.max_seq_len=4: must be >= 8"),
         ("eval.answer_only", "yes", r"eval.answer_only='yes': expected bool"),
         ("model.dtype", "int8", r"model.dtype='int8': allowed: bfloat16, float16, float32"),

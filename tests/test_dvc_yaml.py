@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from quantorder.layout import MERGED_DIR
-from quantorder.variants import FINETUNES, MERGES, QUANTIZATIONS, VARIANTS
+from quantorder.variants import FINETUNES, MERGES, QUANTIZATION_AWARE, QUANTIZATIONS, VARIANTS
 
 from .conftest import ROOT
 
@@ -86,7 +86,9 @@ def test_variant_deps_match_the_variants_module():
 
 def test_quantize_finetune_merge_items_match_the_variants_module():
     assert STAGES["quantize"]["foreach"] == {k: str(v) for k, v in QUANTIZATIONS.items()}
-    assert STAGES["finetune"]["foreach"] == {k: str(v) for k, v in FINETUNES.items()}
+    assert {k: item["base"] for k, item in STAGES["finetune"]["foreach"].items()} == {
+        k: str(v) for k, v in FINETUNES.items()
+    }
     merges = {k: {"base": str(m.base), "adapter": str(m.adapter)} for k, m in MERGES.items()}
     assert STAGES["merge"]["foreach"] == merges
     assert STAGES["merge"]["do"]["outs"] == ["models/merged/${key}"]
@@ -97,3 +99,8 @@ def test_float_chain_does_not_depend_on_algo():
     for stage in ("prepare", "calibrate", "finetune", "merge", "evaluate"):
         assert not any(str(p).startswith("algo") for p in _spec(stage).get("params", [])), stage
     assert "algo" in _spec("quantize")["params"]
+    # finetune@X reads `algo` and `qat` exactly when it trains against the grid (the slots of its item)
+    for name, item in STAGES["finetune"]["foreach"].items():
+        grid = {item["algo"], item["qat"]}
+        assert grid == ({"algo", "qat"} if name in QUANTIZATION_AWARE else {"seed"}), name
+    assert {"${item.algo}", "${item.qat}"} <= set(_spec("finetune")["params"])

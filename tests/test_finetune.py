@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from quantorder.checkpoint import Checkpointer
-from quantorder.config import FinetuneCfg
+from quantorder.config import FinetuneCfg, RTNCfg
 from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
 from quantorder.models import load_tokenizer
+from quantorder.qat import apply_qat
 from quantorder.quantize import load_model
+from quantorder.quantize.rtn import RTNQuantizer
 
 from .conftest import TEMPLATE
 
@@ -82,7 +84,8 @@ class _KilledAfterSaving(Checkpointer):
         raise KeyboardInterrupt
 
 
-def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tiny_dir, qa_rows, tmp_path, capsys):
+@pytest.mark.parametrize("qat", [None, "merged"])  # plain LoRA, and LoRA trained against RTN's grid
+def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(qat, tiny_dir, qa_rows, tmp_path, capsys):
     # dropout on and 2-step accumulation: the resume must restore the random stream and the batch order
     cfg = FinetuneCfg(
         r=4,
@@ -101,6 +104,8 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tiny_dir, qa_r
 
     def run(checkpoint, log):
         model = setup_model(load_model(tiny_dir, "float32", CPU), cfg, seed=3)
+        if qat:
+            apply_qat(model, RTNQuantizer(RTNCfg(name="rtn", group_size=32)), qat)
         result = train_loop(model, train, train[:4], cfg, tok.pad_token_id, 3, tmp_path / log, checkpoint)
         return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from quantorder.stage import stage_times
-from quantorder.variants import VARIANTS
+from quantorder.variants import FINETUNES, VARIANTS
 
 from .conftest import ROOT
 from .project import env, executed, make_project, run
@@ -41,6 +41,10 @@ QUANT_CHAIN = {
     "evaluate@q_ft_merge_q",
     "evaluate@q_ft_fmerge",
     "evaluate@q_ft_fmerge_q",
+    "finetune@qat",
+    "merge@qat",
+    "quantize@qat_merge_q",
+    "evaluate@qat_merge_q",
 }
 
 
@@ -93,7 +97,7 @@ def test_float_chain_then_queued_grid_then_algo_switch(project, float_run):
     assert metrics["ft"]["ppl"] < metrics["base"]["ppl"]  # fine-tuning helped
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert set(summary["ppl"]) == set(VARIANTS) and summary["gap_to_ft"]["ft"] == 0
-    assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q", "q_ft_fmerge_q"}
+    assert set(summary["update_kept"]) == {"ft_merge_q", "q_ft_merge_q", "q_ft_fmerge_q", "qat_merge_q"}
     shared = {"ppl_definition", "seed", "git_commit", "versions", "data_sha256", "base_sha256"}
     assert shared <= set(summary["provenance"])
     assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}  # paired-bootstrap intervals
@@ -137,7 +141,18 @@ def test_editing_code_makes_exactly_the_stages_that_run_it_stale(project):
         stale = set(json.loads(run(["dvc", "status", "--json"], project))) - {"report"}
     finally:
         tokens.write_text(original)
-    assert stale == {f"evaluate@{v}" for v in VARIANTS} | {"finetune@ft", "finetune@q_ft"}
+    assert stale == {f"evaluate@{v}" for v in VARIANTS} | {f"finetune@{a}" for a in FINETUNES}
+
+
+def test_the_qat_setting_makes_only_the_qat_finetune_stale(project):
+    params = project / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("weight: merged", "weight: base"))
+        stale = set(json.loads(run(["dvc", "status", "--json"], project))) - {"report"}
+    finally:
+        params.write_text(original)
+    assert stale == {"finetune@qat"}
 
 
 def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], int]:

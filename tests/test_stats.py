@@ -34,7 +34,7 @@ PROVENANCE = {"seed": 3, "git_commit": "abc", "versions": {"torch": "x"}, "data_
 
 
 def test_report_carries_intervals_into_summary_and_table(tmp_path):
-    shift = dict(zip(VARIANTS, [0.6, 0.8, 0.0, 0.1, 0.1, 0.0, 0.5, 0.05, 0.2]))
+    shift = dict(zip(VARIANTS, [0.6, 0.8, 0.0, 0.1, 0.1, 0.0, 0.5, 0.05, 0.2, 0.15]))
     metrics = {}
     for v in VARIANTS:
         noise = RNG.normal(0, 2, 120) if v != "ft" else np.zeros(120)

@@ -23,6 +23,7 @@ import yaml
 from quantorder.errors import ConfigError
 
 ANSWER_MARKER = "### Answer:"  # eval.answer_only scores the tokens after it
+QAT_WEIGHTS = ("merged", "base")  # what quantization-aware LoRA fake-quantizes (quantorder.qat)
 
 
 def require(problems: list[str], ok: bool, message: str) -> None:
@@ -340,6 +341,19 @@ class EvalCfg:
 
 
 @dataclass
+class QATCfg:
+    """The qat adapter (variant qat_merge_q): LoRA on the float base with the weights fake-quantized
+    on the algorithm's grid. Read by finetune@qat alone, so changing it reruns no other stage."""
+
+    weight: str = "merged"  # merged: W + scaling * B @ A, as deployed after merge and quantization; base: W
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        require(p, self.weight in QAT_WEIGHTS, f"qat.weight={self.weight!r}: allowed: {', '.join(QAT_WEIGHTS)}")
+        raise_problems(p)
+
+
+@dataclass
 class TrackingCfg:
     """MLflow view of the metrics files."""
 
@@ -358,6 +372,7 @@ class Config:
     calib: CalibCfg
     algo: AlgoCfg
     finetune: FinetuneCfg
+    qat: QATCfg
     eval: EvalCfg
     tracking: TrackingCfg
 

@@ -25,12 +25,14 @@ class Merge:
 
 
 # finetune@X: the model adapter X is trained on
-FINETUNES: dict[str, Path] = {"ft": BASE_DIR, "q_ft": BASE_Q}
+FINETUNES: dict[str, Path] = {"ft": BASE_DIR, "q_ft": BASE_Q, "qat": BASE_DIR}
+QUANTIZATION_AWARE = {"qat"}  # finetune@X that fake-quantizes the weights on the algorithm's grid (quantorder.qat)
 # merge@X
 MERGES: dict[str, Merge] = {
     "ft": Merge(BASE_DIR, ADAPTERS_DIR / "ft", MERGED_DIR / "ft"),
     "q_ft": Merge(BASE_Q, ADAPTERS_DIR / "q_ft", MERGED_DIR / "q_ft"),  # into the dequantized base it trained on
     "q_ft_fmerge": Merge(BASE_DIR, ADAPTERS_DIR / "q_ft", MERGED_DIR / "q_ft_fmerge"),  # into the float base
+    "qat": Merge(BASE_DIR, ADAPTERS_DIR / "qat", MERGED_DIR / "qat"),
 }
 # quantize@X: the float model quantized into models/quantized/X
 QUANTIZATIONS: dict[str, Path] = {
@@ -38,6 +40,7 @@ QUANTIZATIONS: dict[str, Path] = {
     "ft_merge_q": MERGES["ft"].out,
     "q_ft_merge_q": MERGES["q_ft"].out,
     "q_ft_fmerge_q": MERGES["q_ft_fmerge"].out,
+    "qat_merge_q": MERGES["qat"].out,
 }
 
 
@@ -75,6 +78,7 @@ VARIANTS: dict[str, Variant] = {
     "q_ft_merge_q": Variant(QUANTIZED_DIR / "q_ft_merge_q", quantized=True, requantizes=MERGES["q_ft"]),
     "q_ft_fmerge": Variant(MERGES["q_ft_fmerge"].out),
     "q_ft_fmerge_q": Variant(QUANTIZED_DIR / "q_ft_fmerge_q", quantized=True, requantizes=MERGES["q_ft_fmerge"]),
+    "qat_merge_q": Variant(QUANTIZED_DIR / "qat_merge_q", quantized=True, requantizes=MERGES["qat"]),
 }
 BASELINE = "base"  # the untouched model
 TARGET = "ft"  # the float fine-tune: every quantized variant's gap is measured against it

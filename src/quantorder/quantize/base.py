@@ -1,8 +1,9 @@
 """The quantization-method interface: everything format-specific lives behind it.
 
 A method quantizes and saves; loads its checkpoints for evaluation and for training (kernel
-choice); reads back the float weight of a quantized layer (merging, update survival);
-accounts for stored bits; and says which variants it cannot make, and why.
+choice); reads back the float weight of a quantized layer (merging, update survival); rounds a
+single weight onto its grid (quantization-aware training); accounts for stored bits; and says
+which variants it cannot make, and why.
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class Quantizer(ABC):
     @abstractmethod
     def linear_weight(cls, module: torch.nn.Module) -> torch.Tensor:
         """The (out, in) float weight a quantized linear layer computes with."""
+
+    @abstractmethod
+    def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
+        """A float (out, in) weight quantized alone on this method's grid and read back in float32:
+        what `linear_weight` returns for it once quantized. GPTQ and AWQ choose their rounding from
+        calibration data; alone, a weight gets their grid with round-to-nearest."""
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` as the quantized model computes with it, for quantization-aware training: the
+        round trip forward, the identity backward (straight-through estimator)."""
+        return weight + (self.round_trip(weight.detach()).to(weight.dtype) - weight.detach())
 
     @classmethod
     @abstractmethod

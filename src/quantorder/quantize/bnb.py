@@ -101,6 +101,22 @@ class BitsAndBytesQuantizer(Quantizer):
         codes, scales = _int8_layout(module)
         return codes.float() * scales.float()[:, None] / 127
 
+    def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' own quantize and dequantize functions, with this config's block size and
+        double quantization (4-bit), or LLM.int8()'s per-row absmax codes."""
+        import bitsandbytes.functional as F
+
+        if isinstance(self.cfg, BnB4bitCfg):
+            packed, state = F.quantize_4bit(
+                weight,
+                blocksize=self.cfg.group_size,
+                compress_statistics=self.cfg.double_quant,
+                quant_type=self.cfg.name,
+            )
+            return F.dequantize_4bit(packed, state).float()
+        codes, scales, _ = F.int8_vectorwise_quant(weight.to(torch.float16))
+        return codes.float() * scales.float()[:, None] / 127
+
     @classmethod
     def stored_bits(cls, module: torch.nn.Module) -> int:
         import bitsandbytes as bnb

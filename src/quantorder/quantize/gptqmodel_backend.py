@@ -167,6 +167,21 @@ class GPTQModelQuantizer(Quantizer):
 
         return dequantize_gemm(module.qweight, module.qzeros, module.scales, module.bits, module.group_size).t()
 
+    def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
+        """GPTQModel's own grid (`Quantizer.find_params`: per-group min/max, integer zero point) and
+        rounding, read back as its kernels do: whole steps times the float16 scale the checkpoint keeps."""
+        from gptqmodel.quantization import RTNConfig
+        from gptqmodel.quantization.quantizer import Quantizer as Grid
+
+        rows, width = weight.shape
+        grid = Grid(RTNConfig(bits=self.cfg.bits, group_size=self.cfg.group_size, sym=self.cfg.sym, desc_act=False))
+        grid.configure(perchannel=True)
+        groups = weight.float().reshape(-1, width if self.cfg.group_size == -1 else self.cfg.group_size)
+        grid.find_params(groups, weight=True)
+        scale = grid.scale.reshape(-1, 1)
+        steps = torch.round(grid.quantize(groups) / scale)  # q - zero: whole numbers
+        return (steps.half() * scale.half()).float().reshape(rows, width)
+
     @classmethod
     def stored_bits(cls, module: torch.nn.Module) -> int:
         stored = [getattr(module, n) for n in ("qweight", "qzeros", "scales") if getattr(module, n, None) is not None]
