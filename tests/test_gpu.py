@@ -1,7 +1,8 @@
 """On a CUDA GPU: GPTQ, AWQ and bitsandbytes (NF4, LLM.int8()) quantize there, load with the kernels
 a GPU host serves with (GPTQModel's Marlin for inference, Triton / torch for training;
 bitsandbytes' CUDA kernels), agree with the same checkpoint evaluated on the CPU, train LoRA and
-merge as on the CPU. Skipped without a GPU (CI has none)."""
+merge as on the CPU; quantization-aware LoRA rounds on the same grid as on the CPU and trains.
+Skipped without a GPU (CI has none)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,24 @@ def test_merging_on_the_gpu_equals_merging_on_the_cpu(gpu_quantized, adapter_dir
     for key, expected in on_cpu.items():
         got = on_gpu[key].float().cpu()
         assert torch.linalg.norm(got - expected.float()) <= 1e-2 * torch.linalg.norm(expected.float()), key
+
+
+@pytest.mark.parametrize("name", ["gptq", "nf4", "int8-bnb"])
+def test_qat_round_trip_on_the_gpu_equals_the_cpu_and_trains(name, tiny_dir, qa_rows, tmp_path):
+    """The QAT grid is the same on both devices, and LoRA trains against it on the GPU."""
+    from quantorder.config import FinetuneCfg
+    from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
+    from quantorder.qat import apply_qat
+
+    quantizer = QUANTIZERS[name]
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    on_gpu, on_cpu = quantizer.round_trip(weight.to(CUDA)).cpu(), quantizer.round_trip(weight)
+    assert torch.allclose(on_gpu, on_cpu, rtol=0, atol=1e-6), (on_gpu - on_cpu).abs().max()
+    cfg = FinetuneCfg(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=20, warmup_steps=1, max_seq_len=64, log_every=10)
+    tok = load_tokenizer(tiny_dir)
+    train = setup_data(tok, qa_rows[:8], TEMPLATE, cfg.max_seq_len)
+    model = setup_model(load_model(tiny_dir, "bfloat16", CUDA, training=True), cfg, seed=0)
+    apply_qat(model, quantizer, "merged")
+    before = mean_loss(model, train, tok.pad_token_id, 4, CUDA)
+    result = train_loop(model, train, train, cfg, tok.pad_token_id, 0, tmp_path / "log.jsonl")
+    assert result.val_loss < before - 0.3
