@@ -10,11 +10,17 @@ from quantorder.compare import from_exp_show, grid, winners, write
 from quantorder.errors import UserError
 from quantorder.variants import VARIANTS
 
-# perplexities per algorithm in VARIANTS order; seed s adds 0.1 * s to every variant (ft too)
+# perplexities per algorithm; seed s adds 0.1 * s to every variant (ft too)
 PPL = {
-    "gptq 4-bit g64": dict(zip(VARIANTS, [14.0, 15.5, 7.0, 8.2, 8.3, 7.6, 12.0, 7.3, 8.0, 7.9])),
-    "rtn 4-bit g64": dict(zip(VARIANTS, [14.0, 18.0, 7.0, 10.5, 10.9, 8.5, 18.0, 7.4, 11.0, 10.8])),
-}
+    "gptq 4-bit g64": {
+        "base": 14.0, "base_q": 15.5, "ft": 7.0, "ft_q": 8.2, "ft_merge_q": 8.3, "q_ft": 7.6,
+        "q_ft_merge_q": 12.0, "q_ft_fmerge": 7.3, "q_ft_fmerge_q": 8.0, "qat_merge_q": 7.9,
+    },
+    "rtn 4-bit g64": {
+        "base": 14.0, "base_q": 18.0, "ft": 7.0, "ft_q": 10.5, "ft_merge_q": 10.9, "q_ft": 8.5,
+        "q_ft_merge_q": 18.0, "q_ft_fmerge": 7.4, "q_ft_fmerge_q": 11.0, "qat_merge_q": 10.8,
+    },
+}  # fmt: skip
 
 
 def _rev(name: str, algo: str, seed: int, ppl: dict | None = None, **settings) -> dict:

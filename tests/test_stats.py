@@ -34,7 +34,10 @@ PROVENANCE = {"seed": 3, "git_commit": "abc", "versions": {"torch": "x"}, "data_
 
 
 def test_report_carries_intervals_into_summary_and_table(tmp_path):
-    shift = dict(zip(VARIANTS, [0.6, 0.8, 0.0, 0.1, 0.1, 0.0, 0.5, 0.05, 0.2, 0.15]))
+    shift = {
+        "base": 0.6, "base_q": 0.8, "ft": 0.0, "ft_q": 0.1, "ft_merge_q": 0.1, "q_ft": 0.0,
+        "q_ft_merge_q": 0.5, "q_ft_fmerge": 0.05, "q_ft_fmerge_q": 0.2, "qat_merge_q": 0.15,
+    }  # fmt: skip
     metrics = {}
     for v in VARIANTS:
         noise = RNG.normal(0, 2, 120) if v != "ft" else np.zeros(120)
