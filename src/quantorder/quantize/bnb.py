@@ -98,8 +98,7 @@ class BitsAndBytesQuantizer(Quantizer):
 
         if isinstance(module, bnb.nn.Linear4bit):
             return F.dequantize_4bit(*_saved_layout(module))
-        codes, scales = _int8_layout(module)
-        return codes.float() * scales.float()[:, None] / 127
+        return _int8_weight(*_int8_layout(module))
 
     def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' own quantize and dequantize functions, with this config's block size and
@@ -115,7 +114,7 @@ class BitsAndBytesQuantizer(Quantizer):
             )
             return F.dequantize_4bit(packed, state).float()
         codes, scales, _ = F.int8_vectorwise_quant(weight.to(torch.float16))
-        return codes.float() * scales.float()[:, None] / 127
+        return _int8_weight(codes, scales)
 
     @classmethod
     def stored_bits(cls, module: torch.nn.Module) -> int:
@@ -127,6 +126,11 @@ class BitsAndBytesQuantizer(Quantizer):
         else:
             tensors = list(_int8_layout(module))
         return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+
+def _int8_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float weight of LLM.int8() codes: each row's absmax scale spread over -127..127."""
+    return codes.float() * scales.float()[:, None] / 127
 
 
 def _int8_layout(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
