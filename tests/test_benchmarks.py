@@ -56,3 +56,18 @@ def test_finetune_scaling_benchmark_runs_one_and_two_processes(tmp_path):
     assert len(result["runs"]["2"]["losses"]) == 4 and result["scaling"]["1"] == 1.0
     # the same micro-batches split over two gloo processes: the same loss curve on a CPU
     assert result["max_loss_gap"]["2"] < 1e-4 and result["runs"]["1"]["losses"][0] > 5.0
+
+
+def test_ordering_cost_benchmark_trains_every_ordering_from_the_same_start(tmp_path):
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/ordering_cost.py"), "--model", "tiny", "--algos", "rtn"]
+    args = ["--steps", "4", "--seq-len", "32", "--finetune", "lora-cpu", "--out", str(out)]
+    subprocess.run([*cmd, *args], check=True, capture_output=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert set(rows) == {"ft", "q_ft rtn", "q_ft rtn loftq", "q_ft rtn qalora", "qat rtn merged", "qat rtn base"}
+    assert all(len(r["losses"]) == 4 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["ft"]["throughput_vs_ft"] == 1.0 and result["quantize_s"]["rtn"] > 0
+    before, after = rows["q_ft rtn loftq"]["prepared"]  # LoftQ's measured error, before and after
+    assert after < before
+    assert rows["qat rtn merged"]["prepared"] == rows["qat rtn base"]["prepared"] == 14  # adapted layers

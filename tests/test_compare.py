@@ -105,6 +105,22 @@ def test_a_sweep_over_any_algo_setting_keeps_one_row_per_config():
     assert cells["gptq 4-bit g64"]["base_q"].ppl == [15.5]
 
 
+def test_experiments_that_differ_in_another_setting_are_rows_of_their_own():
+    """`-S qlora.init=loftq` on the same algo and seed is another recipe, not another seed or a rerun."""
+    rows = []
+    for init, shift in (("default", 0.0), ("loftq", -0.3)):
+        for seed in (0, 1):
+            rev = _rev(f"{init}{seed}", "rtn 4-bit g64", seed)
+            rev["data"]["metrics"]["metrics/summary.json"]["data"]["ppl"]["q_ft"] += shift
+            params = rev["data"]["params"]["params.yaml"]["data"]
+            params |= {"qlora": {"init": init}, "tracking": {"enabled": seed == 0}}
+            rows.append(rev)
+    cells = grid(from_exp_show(_show(*rows)))
+    assert sorted(cells) == ["rtn 4-bit g64 qlora.init=default", "rtn 4-bit g64 qlora.init=loftq"]  # tracking: no row
+    assert cells["rtn 4-bit g64 qlora.init=loftq"]["q_ft"].ppl == pytest.approx([8.2, 8.3])
+    assert cells["rtn 4-bit g64 qlora.init=default"]["q_ft"].seeds == [0, 1]
+
+
 def test_an_na_variant_has_no_cell_and_no_win(tmp_path):
     """A variant the algorithm cannot make is listed as n/a, never as a number."""
     ppl = {v: p for v, p in PPL["rtn 4-bit g64"].items() if v != "q_ft"}

@@ -108,6 +108,7 @@ def _mutated(default_params: dict, path: str, value) -> dict:
         ("finetune.target_modules", [], r"finetune.target_modules: must name at least one module"),
         ("finetune.devices", -1, r"finetune.devices=-1: must be >= 0 \(0: every visible GPU\)"),
         ("qat.weight", "lora", r"qat.weight='lora': allowed: merged, base"),
+        ("qlora.init", "pissa", r"qlora.init='pissa': allowed: default, loftq"),
         ("eval.max_seq_len", 4, r"eval.max_seq_len=4: must be >= 8"),
         ("eval.answer_only", "yes", r"eval.answer_only='yes': expected bool"),
         ("model.dtype", "int8", r"model.dtype='int8': allowed: bfloat16, float16, float32"),
@@ -126,6 +127,28 @@ def test_validation_names_the_bad_value_and_what_is_allowed(default_params, path
     with pytest.raises(ConfigError, match=message) as info:
         parse_config(_mutated(default_params, path, value))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "algo,qlora,message",
+    [
+        ({"name": "awq"}, {"qalora": True}, r"qalora=true with algo=awq: QA-LoRA needs a GPTQ-format base \(rtn, gptq"),
+        ({"name": "nf4"}, {"qalora": True}, r"with algo=nf4: QA-LoRA needs a GPTQ-format base"),
+        ({"name": "rtn", "group_size": -1}, {"qalora": True}, r"group_size=-1: QA-LoRA pools over quantization groups"),
+        ({"name": "gptq", "desc_act": True}, {"qalora": True}, r"desc_act=true: act-order groups are not contiguous"),
+        ({"name": "gptq"}, {"qalora": True, "init": "loftq"}, r"qlora.init=loftq with qlora.qalora=true: .*one"),
+    ],
+)
+def test_qlora_options_the_base_cannot_take_fail_at_validation(default_params, algo, qlora, message):
+    params = copy.deepcopy(default_params) | {"algo": algo, "qlora": qlora}
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(params)
+    assert "\n" not in str(info.value)
+
+
+def test_qalora_is_valid_on_gptq_format_bases(default_params):
+    for algo in ({"name": "rtn", "group_size": 64}, {"name": "gptq", "desc_act": False}):
+        assert parse_config(default_params | {"algo": algo, "qlora": {"qalora": True}}).qlora.qalora
 
 
 def test_all_problems_are_reported_together(default_params):

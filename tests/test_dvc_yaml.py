@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from quantorder.layout import MERGED_DIR
-from quantorder.variants import FINETUNES, MERGES, QUANTIZATION_AWARE, QUANTIZATIONS, VARIANTS
+from quantorder.variants import FINETUNES, MERGES, ON_QUANTIZED_BASE, QUANTIZATION_AWARE, QUANTIZATIONS, VARIANTS
 
 from .conftest import ROOT
 
@@ -99,8 +99,10 @@ def test_float_chain_does_not_depend_on_algo():
     for stage in ("prepare", "calibrate", "finetune", "merge", "evaluate"):
         assert not any(str(p).startswith("algo") for p in _spec(stage).get("params", [])), stage
     assert "algo" in _spec("quantize")["params"]
-    # finetune@X reads `algo` and `qat` exactly when it trains against the grid (the slots of its item)
+    # finetune@X reads `algo` and `qat` exactly when it trains against the grid, `qlora` exactly when
+    # it trains on the quantized base (the slots of its item)
     for name, item in STAGES["finetune"]["foreach"].items():
         grid = {item["algo"], item["qat"]}
         assert grid == ({"algo", "qat"} if name in QUANTIZATION_AWARE else {"seed"}), name
-    assert {"${item.algo}", "${item.qat}"} <= set(_spec("finetune")["params"])
+        assert item["qlora"] == ("qlora" if name in ON_QUANTIZED_BASE else "seed"), name
+    assert {"${item.algo}", "${item.qat}", "${item.qlora}"} <= set(_spec("finetune")["params"])

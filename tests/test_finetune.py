@@ -12,6 +12,7 @@ from quantorder.config import FinetuneCfg, RTNCfg
 from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
 from quantorder.models import load_tokenizer
 from quantorder.qat import apply_qat
+from quantorder.qlora import loftq_init
 from quantorder.quantize import load_model
 from quantorder.quantize.rtn import RTNQuantizer
 
@@ -84,8 +85,9 @@ class _KilledAfterSaving(Checkpointer):
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("qat", [None, "merged"])  # plain LoRA, and LoRA trained against RTN's grid
-def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(qat, tiny_dir, qa_rows, tmp_path, capsys):
+# plain LoRA; LoRA trained against RTN's grid (qat); on the RTN base, started by LoftQ or as QA-LoRA
+@pytest.mark.parametrize("kind", ["lora", "qat", "loftq", "qalora"])
+def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(kind, tiny_dir, rtn_dir, qa_rows, tmp_path, capsys):
     # dropout on and 2-step accumulation: the resume must restore the random stream and the batch order
     cfg = FinetuneCfg(
         r=4,
@@ -102,10 +104,15 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(qat, tiny_dir,
     tok = load_tokenizer(tiny_dir)
     train = setup_data(tok, qa_rows[:12], TEMPLATE, cfg.max_seq_len)
 
+    base = rtn_dir if kind in ("loftq", "qalora") else tiny_dir
+    options = {"use_qalora": True, "qalora_group_size": 32} if kind == "qalora" else {}
+
     def run(checkpoint, log):
-        model = setup_model(load_model(tiny_dir, "float32", CPU), cfg, seed=3)
-        if qat:
-            apply_qat(model, RTNQuantizer(RTNCfg(name="rtn", group_size=32)), qat)
+        model = setup_model(load_model(base, "float32", CPU), cfg, seed=3, **options)
+        if kind == "qat":
+            apply_qat(model, RTNQuantizer(RTNCfg(name="rtn", group_size=32)), "merged")
+        if kind == "loftq":
+            loftq_init(model, tiny_dir, RTNQuantizer)
         result = train_loop(model, train, train[:4], cfg, tok.pad_token_id, 3, tmp_path / log, checkpoint)
         return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

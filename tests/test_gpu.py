@@ -103,3 +103,48 @@ def test_qat_round_trip_on_the_gpu_equals_the_cpu_and_trains(name, tiny_dir, qa_
     before = mean_loss(model, train, tok.pad_token_id, 4, CUDA)
     result = train_loop(model, train, train, cfg, tok.pad_token_id, 0, tmp_path / "log.jsonl")
     assert result.val_loss < before - 0.3
+
+
+def test_loftq_on_the_gpu_equals_peft_replace_lora_weights_loftq(tiny_dir, tmp_path):
+    """PEFT's LoftQ for an NF4 base runs on CUDA only; with scaling 1 (alpha = r) it sets the same A, B."""
+    from peft import replace_lora_weights_loftq
+
+    from quantorder.config import FinetuneCfg
+    from quantorder.finetune import setup_model
+    from quantorder.qlora import loftq_init
+
+    from .conftest import LORA_TARGETS
+
+    QUANTIZERS["nf4"].quantize(tiny_dir, None, tmp_path / "nf4", "float32")
+    cfg = FinetuneCfg(r=8, alpha=8, target_modules=LORA_TARGETS)
+    ours = setup_model(load_model(tmp_path / "nf4", "float32", CUDA, training=True), cfg, seed=0)
+    before, after = loftq_init(ours, tiny_dir, NF4Quantizer)
+    peft = setup_model(load_model(tmp_path / "nf4", "float32", CUDA, training=True), cfg, seed=0)
+    replace_lora_weights_loftq(peft, model_path=str(tiny_dir / "model.safetensors"))
+    ours_state, peft_state = ours.state_dict(), peft.state_dict()
+    lora = [k for k in ours_state if ".lora_" in k]
+    assert len(lora) == 2 * 7 * 2 and after < before
+    for key in lora:
+        assert torch.allclose(ours_state[key].float(), peft_state[key].float(), atol=1e-4), key
+
+
+def test_qalora_trains_on_gptq_gpu_kernels_and_merges_as_it_computes(tiny_dir, qa_rows, tmp_path):
+    from quantorder.config import FinetuneCfg, QLoRACfg
+    from quantorder.finetune import setup_data, setup_model, train_loop
+    from quantorder.qlora import lora_options
+
+    base = tmp_path / "gptq"
+    QUANTIZERS["gptq"].quantize(tiny_dir, calibration_samples(tiny_dir, 16), base, "bfloat16")
+    cfg = FinetuneCfg(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=20, warmup_steps=1, max_seq_len=64, log_every=10)
+    tok = load_tokenizer(base)
+    train = setup_data(tok, qa_rows[:8], TEMPLATE, cfg.max_seq_len)
+    options = lora_options(QLoRACfg(qalora=True), base)
+    model = setup_model(load_model(base, "bfloat16", CUDA, training=True), cfg, 0, **options)
+    assert model.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight.shape == (8, 256 // 32)
+    train_loop(model, train, train, cfg, tok.pad_token_id, 0, tmp_path / "log.jsonl")
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    with torch.no_grad():
+        trained = model.eval()(input_ids=x).logits.float()
+        merged = merge_adapter(base, tmp_path / "adapter", "float32", CUDA)(input_ids=x).logits.float()
+    assert (torch.linalg.norm(merged - trained) / torch.linalg.norm(trained)).item() < 2e-2  # bf16 kernels vs float32

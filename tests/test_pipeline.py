@@ -144,15 +144,27 @@ def test_editing_code_makes_exactly_the_stages_that_run_it_stale(project):
     assert stale == {f"evaluate@{v}" for v in VARIANTS} | {f"finetune@{a}" for a in FINETUNES}
 
 
-def test_the_qat_setting_makes_only_the_qat_finetune_stale(project):
+def _stale_with(project: Path, old: str, new: str) -> set[str]:
+    """The stages `dvc status` calls stale once `old` in params.yaml reads `new` (put back after)."""
     params = project / "params.yaml"
     original = params.read_text()
+    assert old in original
     try:
-        params.write_text(original.replace("weight: merged", "weight: base"))
-        stale = set(json.loads(run(["dvc", "status", "--json"], project))) - {"report"}
+        params.write_text(original.replace(old, new))
+        return set(json.loads(run(["dvc", "status", "--json"], project))) - {"report"}
     finally:
         params.write_text(original)
-    assert stale == {"finetune@qat"}
+
+
+def test_adapter_settings_rerun_only_the_adapter_they_set(project):
+    assert _stale_with(project, "weight: merged", "weight: base") == {"finetune@qat"}
+    assert _stale_with(project, "init: default", "init: loftq") == {"finetune@q_ft"}
+    # LoftQ, run: the float chain, the quantized base and the qat chain come from the cache
+    loftq = run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=nf4", "-S", "qlora.init=loftq"], project)
+    assert executed(loftq) == {s for s in QUANT_CHAIN if "q_ft" in s} | {"report"}
+    error = json.loads((project / "models/adapters/q_ft/quantorder.json").read_text())["loftq_error"]
+    assert 0 < error["after"] < error["before"]
+    assert "LoftQ init: relative quantization error" in loftq
 
 
 def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], int]:

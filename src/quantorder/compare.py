@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantorder.config import algo_identity
+from quantorder.config import algo_digest, algo_identity
 from quantorder.errors import UserError
 from quantorder.io import write_text
 from quantorder.variants import (
@@ -27,14 +27,42 @@ from quantorder.variants import (
     merge_base_pairs,
 )
 
+NOT_A_SETTING = ("seed", "tracking", "algo")  # seeds are aggregated; tracking changes no number; algo has its label
+
 
 @dataclass
 class Experiment:
     name: str
-    algo: str  # readable label, e.g. "gptq 4-bit g64 desc_act=True"
-    algo_id: str  # digest of the whole algo config: experiments are grouped by it
+    algo: str  # the row's label: the algo's (e.g. "gptq 4-bit g64 desc_act=True") + other settings that differ
+    algo_id: str  # digest of the whole algo config, then of the other differing settings: rows are grouped by it
     seed: int
     ppl: dict[str, float]  # variants the algorithm cannot make (n/a) are absent
+    settings: dict[str, str]  # every other params.yaml setting, flattened: "qlora.init" -> "loftq"
+
+
+def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as dotted keys with JSON values, leaving out NOT_A_SETTING."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        if not prefix and key in NOT_A_SETTING:
+            continue
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def _tell_apart(experiments: list[Experiment]) -> None:
+    """Experiments of one algo config that differ in another setting (`-S qlora.init=loftq`, a
+    fine-tune setting, a model) become rows of their own, labelled with those settings."""
+    keys = sorted({k for e in experiments for k in e.settings})
+    differing = [k for k in keys if len({e.settings.get(k) for e in experiments}) > 1]
+    for e in experiments:
+        extra = [f"{k}={e.settings.get(k)}" for k in differing]
+        if extra:
+            e.algo = " ".join([e.algo, *extra])
+            e.algo_id = algo_digest({"algo": e.algo_id, **{k: e.settings.get(k) for k in differing}})
 
 
 def from_exp_show(show: list[dict]) -> list[Experiment]:
@@ -55,9 +83,12 @@ def from_exp_show(show: list[dict]) -> list[Experiment]:
         if not all(v in done for v in VARIANTS):
             continue  # a failed or unfinished experiment
         algo_id, label = algo_identity(params["algo"]) if "algo" in params else (summary["algo"], summary["algo"])
-        exp = Experiment(name=name, algo=label, algo_id=algo_id, seed=int(params.get("seed", 0)), ppl=summary["ppl"])
+        settings = _flatten(params)
+        exp = Experiment(name, label, algo_id, int(params.get("seed", 0)), summary["ppl"], settings)
         found.setdefault(f"{exp.algo_id}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
-    return list(found.values())
+    experiments = list(found.values())
+    _tell_apart(experiments)
+    return experiments
 
 
 def dvc_experiments(root: Path) -> list[Experiment]:

@@ -24,6 +24,8 @@ from quantorder.errors import ConfigError
 
 ANSWER_MARKER = "### Answer:"  # eval.answer_only scores the tokens after it
 QAT_WEIGHTS = ("merged", "base")  # what quantization-aware LoRA fake-quantizes (quantorder.qat)
+QLORA_INITS = ("default", "loftq")  # how the q_ft adapter starts (quantorder.qlora)
+QALORA_ALGOS = ("rtn", "gptq")  # PEFT's QA-LoRA adapts GPTQ-format layers only (AWQ's are left plain LoRA)
 
 
 def require(problems: list[str], ok: bool, message: str) -> None:
@@ -354,6 +356,25 @@ class QATCfg:
 
 
 @dataclass
+class QLoRACfg:
+    """The q_ft adapter, trained on the quantized base (variants q_ft, q_ft_merge_q, q_ft_fmerge,
+    q_ft_fmerge_q). Read by finetune@q_ft alone, so changing it reruns no float stage."""
+
+    init: str = "default"  # default: PEFT's (B = 0); loftq: scaling * B @ A = the rank-r SVD of W - Q(W)
+    qalora: bool = False  # QA-LoRA: A sees the input averaged per quantization group, so B @ A is constant per group
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        require(p, self.init in QLORA_INITS, f"qlora.init={self.init!r}: allowed: {', '.join(QLORA_INITS)}")
+        require(
+            p,
+            not (self.qalora and self.init == "loftq"),
+            "qlora.init=loftq with qlora.qalora=true: LoftQ's rank-r correction is not constant per group; choose one",
+        )
+        raise_problems(p)
+
+
+@dataclass
 class TrackingCfg:
     """MLflow view of the metrics files."""
 
@@ -373,6 +394,7 @@ class Config:
     algo: AlgoCfg
     finetune: FinetuneCfg
     qat: QATCfg
+    qlora: QLoRACfg
     eval: EvalCfg
     tracking: TrackingCfg
 
@@ -471,6 +493,8 @@ def parse_config(params: Mapping[str, Any]) -> Config:
         built[name] = build(cls, raw, name, problems)
     if built.get("eval") and built.get("data"):
         _check_answer_marker(built["data"], built["eval"], problems)
+    if built.get("qlora") and built.get("algo"):
+        _check_qalora(built["algo"], built["qlora"], problems)
     raise_problems(problems)
     return Config(**built)
 
@@ -506,6 +530,20 @@ def _check_answer_marker(data: DataCfg, eval_cfg: EvalCfg, problems: list[str]) 
             f"eval.answer_only=true needs data.template to contain {ANSWER_MARKER!r} (the answer marker), "
             f"but data.template={data.template!r} (data={data.name}); add the marker or set eval.answer_only=false"
         )
+
+
+def _check_qalora(algo: AlgoCfg, qlora: QLoRACfg, problems: list[str]) -> None:
+    """QA-LoRA pools the adapter's input over the base's quantization groups: contiguous groups of
+    `group_size` input features, in a GPTQ-format checkpoint."""
+    if not qlora.qalora:
+        return
+    prefix = f"qlora.qalora=true with algo={algo.name}"
+    if algo.name not in QALORA_ALGOS:
+        problems.append(f"{prefix}: QA-LoRA needs a GPTQ-format base ({', '.join(QALORA_ALGOS)})")
+    elif algo.group_size == -1:
+        problems.append(f"{prefix} group_size=-1: QA-LoRA pools over quantization groups; set algo.group_size")
+    elif getattr(algo, "desc_act", False):
+        problems.append(f"{prefix} desc_act=true: act-order groups are not contiguous; set algo.desc_act=false")
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

@@ -91,8 +91,9 @@ def check_target_modules(model, targets: list[str]) -> None:
         )
 
 
-def setup_model(model, cfg: FinetuneCfg, seed: int):
-    """Wrap `model` with fresh LoRA adapters (seeded init); the base stays frozen."""
+def setup_model(model, cfg: FinetuneCfg, seed: int, **lora_options):
+    """Wrap `model` with fresh LoRA adapters (seeded init; `lora_options`: more LoraConfig settings);
+    the base stays frozen."""
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, cfg.target_modules)
@@ -105,6 +106,7 @@ def setup_model(model, cfg: FinetuneCfg, seed: int):
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
+        **lora_options,
     )
     try:
         peft_model = get_peft_model(model, lora)

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import torch
 
+from quantorder.qlora import load_adapter
 from quantorder.quantize import load_dequantized
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, device: torch.device):
     """Load base (dequantizing it if quantized), apply the adapter, merge: a plain float model."""
-    from peft import PeftModel
-
-    model = load_dequantized(base_dir, dtype, device)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return load_adapter(load_dequantized(base_dir, dtype, device), adapter_dir).merge_and_unload()

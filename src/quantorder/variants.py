@@ -27,6 +27,7 @@ class Merge:
 # finetune@X: the model adapter X is trained on
 FINETUNES: dict[str, Path] = {"ft": BASE_DIR, "q_ft": BASE_Q, "qat": BASE_DIR}
 QUANTIZATION_AWARE = {"qat"}  # finetune@X that fake-quantizes the weights on the algorithm's grid (quantorder.qat)
+ON_QUANTIZED_BASE = {"q_ft"}  # finetune@X whose adapter takes the `qlora` settings (quantorder.qlora)
 # merge@X
 MERGES: dict[str, Merge] = {
     "ft": Merge(BASE_DIR, ADAPTERS_DIR / "ft", MERGED_DIR / "ft"),
