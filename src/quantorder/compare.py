@@ -33,11 +33,16 @@ NOT_A_SETTING = ("seed", "tracking", "algo")  # seeds are aggregated; tracking c
 @dataclass
 class Experiment:
     name: str
-    algo: str  # the row's label: the algo's (e.g. "gptq 4-bit g64 desc_act=True") + other settings that differ
+    algo: str  # the row's label: the algo's (e.g. "gptq 4-bit g64 desc_act=True") + other settings changed
     algo_id: str  # digest of the whole algo config, then of the other differing settings: rows are grouped by it
     seed: int
     ppl: dict[str, float]  # variants the algorithm cannot make (n/a) are absent
     settings: dict[str, str]  # every other params.yaml setting, flattened: "qlora.init" -> "loftq"
+    baseline: dict[str, str]  # the same, of the commit the experiment was run from
+
+
+def _params(entry: dict) -> dict:
+    return (((entry.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
 
 
 def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
@@ -55,13 +60,14 @@ def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 def _tell_apart(experiments: list[Experiment]) -> None:
     """Experiments of one algo config that differ in another setting (`-S qlora.init=loftq`, a
-    fine-tune setting, a model) become rows of their own, labelled with those settings."""
+    fine-tune setting, a model) become rows of their own, labelled with the settings they changed
+    from their baseline commit (as `dvc exp show --only-changed`)."""
     keys = sorted({k for e in experiments for k in e.settings})
     differing = [k for k in keys if len({e.settings.get(k) for e in experiments}) > 1]
     for e in experiments:
-        extra = [f"{k}={e.settings.get(k)}" for k in differing]
-        if extra:
-            e.algo = " ".join([e.algo, *extra])
+        if differing:
+            changed = [k for k in differing if e.settings.get(k) != e.baseline.get(k)]
+            e.algo = " ".join([e.algo, *(f"{k}={e.settings.get(k)}" for k in changed)])
             e.algo_id = algo_digest({"algo": e.algo_id, **{k: e.settings.get(k) for k in differing}})
 
 
@@ -69,22 +75,23 @@ def from_exp_show(show: list[dict]) -> list[Experiment]:
     """The experiments (and the workspace, if it has results) in `dvc exp show --json` output."""
     found: dict[str, Experiment] = {}
     entries = [
-        (rev.get("name") or rev["rev"][:7], rev)
+        (rev.get("name") or rev["rev"][:7], rev, _params(baseline))
         for baseline in show[1:]
         for exp in baseline.get("experiments") or []
         for rev in exp["revs"]
     ]
-    entries += [("workspace", show[0])] if show else []  # counted only if no experiment has its results
-    for name, entry in entries:
+    # the workspace counts only if no experiment has its results
+    entries += [("workspace", show[0], _params(show[1]) if len(show) > 1 else {})] if show else []
+    for name, entry, baseline in entries:
         data = entry.get("data") or {}
         summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data")
-        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        params = _params(entry)
         done = {**(summary or {}).get("ppl", {}), **(summary or {}).get("na", {})}
         if not all(v in done for v in VARIANTS):
             continue  # a failed or unfinished experiment
         algo_id, label = algo_identity(params["algo"]) if "algo" in params else (summary["algo"], summary["algo"])
-        settings = _flatten(params)
-        exp = Experiment(name, label, algo_id, int(params.get("seed", 0)), summary["ppl"], settings)
+        seed, settings = int(params.get("seed", 0)), _flatten(params)
+        exp = Experiment(name, label, algo_id, seed, summary["ppl"], settings, _flatten(baseline))
         found.setdefault(f"{exp.algo_id}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
     experiments = list(found.values())
     _tell_apart(experiments)
