@@ -37,7 +37,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-@pytest.mark.parametrize("base", ["rtn_dir", "nf4_dir"])
+@pytest.mark.parametrize("base", ["rtn_dir", "awq_dir", "nf4_dir"])
 def test_loftq_init_cancels_most_of_the_quantization_error(request, base, tiny_dir):
     from peft.utils.loftq_utils import _low_rank_decomposition
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 
 from quantorder.config import TrackingCfg
-from quantorder.tracking import flatten, log_experiment
+from quantorder.tracking import flatten, log_experiment, metric_key
 from quantorder.variants import VARIANTS
 
 
 def test_flatten_gives_dotted_keys():
     assert flatten({"algo": {"bits": 4, "sym": False}, "seed": 0}) == {"algo.bits": 4, "algo.sym": False, "seed": 0}
+
+
+def test_a_comparison_row_label_becomes_a_metric_name_mlflow_accepts():
+    from mlflow.utils.validation import _validate_metric_name  # MLflow's own check (raises on bad names)
+
+    for label in ("gptq 4-bit g64", "nf4 4-bit g32 qlora.init=loftq", "rtn 4-bit g64 model.hub_id=org/m [a1b2]"):
+        _validate_metric_name(f"{metric_key(label)}.q_ft.ppl_mean")
+    assert metric_key("nf4 4-bit g32 qlora.init=loftq") == "nf4_4-bit_g32_qlora.init:loftq"
 
 
 def test_parent_and_nested_runs_logged_once(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from pathlib import Path
 from quantorder.config import algo_digest, algo_identity
 from quantorder.errors import UserError
 from quantorder.io import write_text
+from quantorder.tracking import flatten
 from quantorder.variants import (
     BASELINE,
     COMPARED,
@@ -45,17 +46,13 @@ def _params(entry: dict) -> dict:
     return (((entry.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
 
 
-def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
-    """Nested params as dotted keys with JSON values, leaving out NOT_A_SETTING."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        if not prefix and key in NOT_A_SETTING:
-            continue
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return flat
+def _settings(params: dict) -> dict[str, str]:
+    """The settings of a params.yaml but NOT_A_SETTING, as dotted keys with JSON values."""
+    return {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in flatten(params).items()
+        if k.split(".")[0] not in NOT_A_SETTING
+    }
 
 
 def _tell_apart(experiments: list[Experiment]) -> None:
@@ -90,8 +87,8 @@ def from_exp_show(show: list[dict]) -> list[Experiment]:
         if not all(v in done for v in VARIANTS):
             continue  # a failed or unfinished experiment
         algo_id, label = algo_identity(params["algo"]) if "algo" in params else (summary["algo"], summary["algo"])
-        seed, settings = int(params.get("seed", 0)), _flatten(params)
-        exp = Experiment(name, label, algo_id, seed, summary["ppl"], settings, _flatten(baseline))
+        seed, settings = int(params.get("seed", 0)), _settings(params)
+        exp = Experiment(name, label, algo_id, seed, summary["ppl"], settings, _settings(baseline))
         found.setdefault(f"{exp.algo_id}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
     experiments = list(found.values())
     _tell_apart(experiments)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -132,6 +133,12 @@ def _delete_partial(experiment_id: str, parent_id: str) -> None:
             mlflow.delete_run(run_id)
 
 
+def metric_key(label: str) -> str:
+    """A comparison row's label as MLflow accepts in a metric name: `gptq 4-bit g64 qlora.init=loftq`
+    -> `gptq_4-bit_g64_qlora.init:loftq` (MLflow allows letters, digits and `_-. :/`)."""
+    return re.sub(r"[^\w\-.:/]", "_", label.replace("=", ":"))
+
+
 def log_comparison(cfg: TrackingCfg, data: Mapping[str, Any], artifacts: list[Path]) -> str:
     """Log the cross-experiment grid as one `compare` run (mean perplexities, the files); its id."""
     import mlflow
@@ -144,7 +151,7 @@ def log_comparison(cfg: TrackingCfg, data: Mapping[str, Any], artifacts: list[Pa
         with mlflow.start_run(run_name="compare", tags={"kind": "comparison"}) as run:
             mlflow.log_param("experiments", ", ".join(data["experiments"])[:500])
             for algo, row in data["grid"].items():
-                key = algo.replace(" ", "_")
+                key = metric_key(algo)
                 mlflow.log_metrics({f"{key}.{variant}.ppl_mean": cell["mean"] for variant, cell in row.items()})
             for path in artifacts:
                 mlflow.log_artifact(str(path))
