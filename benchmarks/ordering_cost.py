@@ -11,6 +11,8 @@ that calibrate (GPTQ, AWQ) are left out: their q_ft trains on the same kernels a
 
     python benchmarks/ordering_cost.py --model llama-3.1-8b --steps 6 \\
         --out benchmarks/results/ordering-cost-llama-3.1-8b-h200.json
+    python benchmarks/ordering_cost.py --model phi-3.5-mini --target-modules qkv_proj,o_proj,gate_up_proj,down_proj \\
+        --out benchmarks/results/ordering-cost-phi-3.5-mini-h200.json   # Phi-3 fuses q/k/v and gate/up
     python benchmarks/ordering_cost.py --model tiny --steps 4 --seq-len 64 --algos rtn   # CPU smoke run
 """
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-3.1-8b", help="a conf/model/ choice with an architecture")
     parser.add_argument("--finetune", default="lora-gpu", help="the conf/finetune/ preset")
+    parser.add_argument("--target-modules", help="comma-separated LoRA targets (default: the preset's)")
     parser.add_argument("--algos", default="rtn,nf4", help="comma-separated methods that need no calibration")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -86,6 +89,8 @@ def main() -> None:
             parser.error(f"--algos: {algo} calibrates; its q_ft trains like rtn's (same kernels)")
     preset = conf("finetune", args.finetune)
     preset.update(max_steps=args.steps, max_seq_len=args.seq_len, log_every=1)
+    if args.target_modules:
+        preset["target_modules"] = args.target_modules.split(",")
     preset.update(warmup_steps=min(preset["warmup_steps"], args.steps), grad_accum=STUDY_BATCH // preset["batch_size"])
     cfg = FinetuneCfg(**preset)
     device = resolve_device("auto")
