@@ -27,9 +27,10 @@ from quantorder.variants import FINETUNES, ON_QUANTIZED_BASE, QUANTIZATION_AWARE
 def main() -> str | None:
     name = stage_target("finetune target", FINETUNES)
     base, out = FINETUNES[name], ADAPTERS_DIR / name
-    if reason := mark_na(out, [base]):
-        return f"[finetune@{name}] n/a: {reason}"
     cfg = load_config()
+    unsupported = get_quantizer(cfg.algo).unsupported_variants() if name in QUANTIZATION_AWARE else None
+    if reason := mark_na(out, [base], unsupported):
+        return f"[finetune@{name}] n/a: {reason}"
     ft = cfg.finetune
     if distributed.relaunch(ft.devices, ft.grad_accum, cfg.model.device, [__file__, name]):
         return None  # the workers train, save and print the closing line

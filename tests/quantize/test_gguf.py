@@ -146,3 +146,13 @@ def test_the_type_sets_bits_block_and_label():
     cfg = GGUFCfg(name="gguf", type="Q5_K_M")
     assert (cfg.bits, cfg.group_size, cfg.label) == (5, 256, "gguf Q5_K_M")
     assert GGUFCfg(name="gguf", type="Q8_0").digest != GGUFCfg(name="gguf", type="Q4_0").digest
+
+
+def test_only_the_quantization_aware_chain_is_na():
+    from quantorder.availability import na_reason, users
+    from quantorder.layout import ADAPTERS_DIR, QUANTIZED_DIR
+
+    unsupported = GGUFQuantizer(GGUFCfg(name="gguf")).unsupported_variants()
+    assert "per tensor" in na_reason([], users(ADAPTERS_DIR / "qat"), unsupported)
+    for artifact in (ADAPTERS_DIR / "q_ft", QUANTIZED_DIR / "base_q", QUANTIZED_DIR / "q_ft_fmerge_q"):
+        assert na_reason([], users(artifact), unsupported) is None
