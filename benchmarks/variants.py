@@ -2,6 +2,9 @@
 
 Reads the outputs of a finished pipeline (`dvc repro`) and measures each variant in a fresh
 process (so peak memory is its own), with ratios against `base` measured in the same run.
+Decoding runs in transformers' eager `generate` for every variant; where the experiment's format
+has a runtime of its own (GGUF: llama.cpp), every variant also decodes there, quantized ones from
+their checkpoint and float ones from a 16-bit conversion (the baseline in that runtime).
 
 Usage (from the project root, after `dvc repro`):
     python benchmarks/variants.py                       # writes benchmarks/results/variants-<device>.{json,md}
@@ -29,7 +32,8 @@ from quantorder.layout import BASE_DIR, PROVENANCE_FILE, QA_DIR
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.models import load_tokenizer, resolve_device
 from quantorder.provenance import device_name
-from quantorder.quantize import bits_per_weight, load_model
+from quantorder.quantize import bits_per_weight, get_quantizer, load_model
+from quantorder.quantize.base import Quantizer
 from quantorder.variants import VARIANTS
 
 
@@ -53,6 +57,26 @@ def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_to
     return statistics.median(rates)
 
 
+def served_decode_tokens_per_s(
+    method: type[Quantizer], spec, token_ids: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """`decode_tokens_per_s` in the format's own runtime (`Quantizer.serve`): greedy decoding of
+    `new_tokens` tokens for each batch of prompts, decoded together as separate sequences."""
+    n_ctx = max(len(ids) for ids in token_ids) + new_tokens
+    with method.serve(spec.model, spec.adapter, n_ctx=n_ctx, n_seq=max(batch_sizes)) as session:
+        speeds = {}
+        for b in batch_sizes:
+            prompts = [token_ids[i % len(token_ids)] for i in range(b)]
+            session.greedy(prompts, 2)  # warm-up
+            rates = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                session.greedy(prompts, new_tokens)
+                rates.append(b * new_tokens / (time.perf_counter() - start))
+            speeds[str(b)] = statistics.median(rates)
+    return speeds
+
+
 def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: int) -> dict:
     cfg = load_config()
     spec = VARIANTS[variant]
@@ -70,35 +94,51 @@ def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: 
     base_params = read_json(BASE_DIR / PROVENANCE_FILE)["source"]["parameters"]
     with torch.no_grad():
         speeds = {str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens, repeats) for b in batch_sizes}
-    return {
+    measured = {
         **footprint(spec.model, spec.adapter, base_params),
         "linear_bits_per_weight": bits_per_weight(spec.model, model),
         "decode_tokens_per_s": speeds,
         "peak_mem_bytes": peak_memory_bytes(device),
         "device": device_name(device),
     }
+    method = type(get_quantizer(cfg.algo))
+    if method.serving_runtime:
+        del model
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        measured["served"] = {
+            "runtime": method.serving_runtime,
+            "decode_tokens_per_s": served_decode_tokens_per_s(method, spec, ids, batch_sizes, new_tokens, repeats),
+        }
+    return measured
 
 
 def markdown(results: dict, baseline: str = "base") -> str:
     base = results["variants"][baseline]
     batches = list(base["decode_tokens_per_s"])
+    served = base.get("served", {}).get("runtime")
+
+    def speeds(r: dict, b: dict) -> list[str]:
+        return [f"{r[k]:.1f} ({r[k] / b[k]:.2f}x)" for k in batches]
+
     head = "| variant | size (MiB) | size vs base | bits/param | linear bits/weight | peak mem (MiB) | "
-    head += " | ".join(f"decode tok/s b{b} (vs base)" for b in batches) + " |\n"
-    head += "|---" * (6 + len(batches)) + "|\n"
+    head += " | ".join(f"transformers eager tok/s b{b} (vs base)" for b in batches)
+    head += "".join(f" | {served} tok/s b{b} (vs base 16-bit)" for b in batches if served) + " |\n"
+    head += "|---" * (6 + len(batches) * (2 if served else 1)) + "|\n"
     rows = []
     for name, r in results["variants"].items():
         lbw = f"{r['linear_bits_per_weight']:.2f}" if r["linear_bits_per_weight"] else "-"
-        speeds = " | ".join(
-            f"{r['decode_tokens_per_s'][b]:.1f} ({r['decode_tokens_per_s'][b] / base['decode_tokens_per_s'][b]:.2f}x)"
-            for b in batches
-        )
+        cells = speeds(r["decode_tokens_per_s"], base["decode_tokens_per_s"])
+        if served:
+            cells += speeds(r["served"]["decode_tokens_per_s"], base["served"]["decode_tokens_per_s"])
         rows.append(
             f"| `{name}` | {r['size_bytes'] / 2**20:.1f} | {r['size_bytes'] / base['size_bytes']:.2f}x | "
-            f"{r['bits_per_param']:.2f} | {lbw} | {r['peak_mem_bytes'] / 2**20:.0f} | {speeds} |"
+            f"{r['bits_per_param']:.2f} | {lbw} | {r['peak_mem_bytes'] / 2**20:.0f} | {' | '.join(cells)} |"
         )
     runs = results.get("repeats", 1)
     title = f"Variants on {results['device']} ({results['algo']}, {results['new_tokens']} new tokens, greedy, "
     title += f"median of {runs} timed runs)\n\n" if runs > 1 else "one timed run)\n\n"
+    if served:
+        title += f"In {served}, quantized variants run from their checkpoint, float ones from a 16-bit conversion.\n\n"
     return title + head + "\n".join(rows) + "\n"
 
 
@@ -121,7 +161,7 @@ def main() -> None:
         return
     algo = load_config().algo
     results = {
-        "algo": f"{algo.name} {algo.bits}-bit g{algo.group_size}",
+        "algo": algo.label,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "variants": {},

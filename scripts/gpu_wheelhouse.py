@@ -4,22 +4,29 @@ exact versions installed in this environment (the ones the tests ran with).
 The host is assumed to have torch with CUDA, numpy and the packages in HOST_HAS already; every
 other package that quantorder's runtime needs (transformers, peft, GPTQModel, dvc, hydra, ...) is
 downloaded as a cp312 manylinux wheel, or built into a wheel here where only an sdist exists.
-Compiled sdist-only packages (pypcre) travel as sdists and build on the host.
+Compiled sdist-only packages (pypcre) travel as sdists and build on the host. llama.cpp (algo=gguf)
+travels as llama-cpp-python's bindings built into a wheel here (no native code), the prebuilt
+libraries' wheel trimmed to what loads, and its converter scripts in `llama.cpp-tools.tgz`.
 
 Usage (with the project's venv):
     python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow] [--cuda 130]
 On the host:
     pip install --no-deps --no-index --no-build-isolation --target /tmp/site .gpu-wheels/*.whl .gpu-wheels/*.tar.gz .
+    tar xzf .gpu-wheels/llama.cpp-tools.tgz -C /tmp/site
     export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH   (docs/gpu.md: why one pip call)
+    export QUANTORDER_LLAMA_CPP_TOOLS=/tmp/site/llama.cpp
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import tomllib
 import zipfile
@@ -35,11 +42,17 @@ ROOTS = [
 # Present on a CUDA PyTorch image (and large): never carried.
 HOST_HAS = {"torch", "triton", "numpy", "setuptools", "pip", "wheel", "mpmath", "scipy", "networkx", "jinja2"}
 HOST_HAS_PREFIXES = ("nvidia-", "cuda-")
-NOT_NEEDED = {"datasets"}  # hub datasets only; the embedded default builds its data locally
+NOT_NEEDED = {"datasets", "hf-xet"}  # hub downloads only; the embedded default builds its data locally
 LEAVES = {"gptqmodel"}  # installed without its metadata's requirements (see Makefile); ROOTS lists its needs
 COMPILED_SDISTS = {"pypcre"}  # no manylinux wheel: built on the host
 # bitsandbytes ships a native library per CUDA release (40+ MB in all); the host needs its own only
 NATIVE_LIBS = re.compile(r"bitsandbytes/libbitsandbytes_(cuda\d+|rocm\d+|xpu\d*)\.so$")
+# llama.cpp's libraries (modelnexus): the ones llama_cpp_runtime loads, and the CPU backends of x86
+# servers (x64 is the fallback any x86-64 CPU runs); not the tools' libraries or the symlinked copies
+LLAMA_CPP_LIBS = re.compile(
+    r"native/linux-x86_64/(libggml-base\.so\.0|libggml\.so\.0|libllama\.so|"
+    r"libggml-cpu-(x64|haswell|skylakex|icelake|sapphirerapids|zen4)\.so)$"
+)
 PLATFORM = [
     "--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
     "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
@@ -80,9 +93,14 @@ def gpu_extra() -> dict[str, str]:
 
 def keep_one_cuda(wheel: Path, cuda: str) -> None:
     """Drop from a bitsandbytes wheel every native library but the CPU one and the CUDA `cuda` one
-    (e.g. "130" for CUDA 13.0), RECORD included."""
+    (e.g. "130" for CUDA 13.0)."""
+    keep_only(wheel, lambda n: not NATIVE_LIBS.search(n) or n.endswith(f"_cuda{cuda}.so"))
+
+
+def keep_only(wheel: Path, keep) -> None:
+    """Rewrite `wheel` with the members `keep(name)` accepts, RECORD included."""
     with zipfile.ZipFile(wheel) as src:
-        drop = {n for n in src.namelist() if NATIVE_LIBS.search(n) and not n.endswith(f"_cuda{cuda}.so")}
+        drop = {n for n in src.namelist() if not keep(n)}
         stripped = wheel.with_suffix(".tmp")
         with zipfile.ZipFile(stripped, "w", zipfile.ZIP_DEFLATED) as dst:
             for item in src.infolist():
@@ -94,6 +112,32 @@ def keep_one_cuda(wheel: Path, cuda: str) -> None:
                     data = "".join(r for r in rows if r.split(",")[0] not in drop).encode()
                 dst.writestr(item, data)
     stripped.replace(wheel)
+
+
+def add_llama_cpp(dest: Path) -> None:
+    """llama.cpp for algo=gguf: the bindings as a wheel, the libraries trimmed, the converter scripts."""
+    from quantorder.llama_cpp_runtime import TOOLS_DIR
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from install_llama_cpp import BINDINGS, LIBRARIES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-binary", ":all:", BINDINGS, "-w", tmp],
+            env=os.environ | {"CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"},
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            sys.exit(f"error: could not build {BINDINGS}: {done.stderr.strip()[-500:]}")
+        for wheel in Path(tmp).glob("*.whl"):
+            shutil.move(wheel, dest / wheel.name)
+    if pip("download", *PLATFORM, "-d", str(dest), LIBRARIES).returncode:
+        sys.exit(f"error: could not fetch {LIBRARIES}")
+    for wheel in dest.glob("muthuishere_modelnexus-*.whl"):
+        keep_only(wheel, lambda n: "/native/" not in n or bool(LLAMA_CPP_LIBS.search(n)))
+    with tarfile.open(dest / "llama.cpp-tools.tgz", "w:gz") as tar:
+        tar.add(TOOLS_DIR, arcname="llama.cpp", filter=lambda t: None if "__pycache__" in t.name else t)
 
 
 def pip(*args: str) -> subprocess.CompletedProcess:
@@ -125,6 +169,7 @@ def main() -> None:
             sys.exit(f"error: could not build wheels from {[p.name for p in built]}")
     for wheel in args.dest.glob("bitsandbytes-*.whl"):
         keep_one_cuda(wheel, args.cuda)
+    add_llama_cpp(args.dest)
     size = sum(p.stat().st_size for p in args.dest.iterdir())
     print(f"{len(wanted)} packages, {size / 2**20:.1f} MiB in {args.dest}")
 

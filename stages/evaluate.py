@@ -8,12 +8,20 @@ Usage: dvc repro evaluate@base   (or python stages/evaluate.py base)
 from quantorder.availability import na_reason
 from quantorder.config import as_dict, load_config
 from quantorder.data import read_jsonl
-from quantorder.evaluate import footprint, measure, metrics_record, samples_csv
+from quantorder.evaluate import (
+    examples_of,
+    footprint,
+    measure,
+    metrics_record,
+    runtime_perplexity,
+    samples_csv,
+    served_record,
+)
 from quantorder.io import read_json, write_json, write_text
 from quantorder.layout import BASE_DIR, EVAL_DIR, PROVENANCE_FILE, QA_DIR
 from quantorder.models import check_seq_len, load_tokenizer, resolve_device
 from quantorder.provenance import made_from
-from quantorder.quantize import bits_per_weight, load_model
+from quantorder.quantize import bits_per_weight, load_model, method_of
 from quantorder.stage import run_stage, stage_target
 from quantorder.survival import update_survival
 from quantorder.variants import BASE_Q, VARIANTS
@@ -33,8 +41,8 @@ def main() -> str:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, variant.adapter)
-    rows = read_jsonl(QA_DIR / "test.jsonl")
-    result, peak = measure(model, load_tokenizer(variant.model), rows, cfg.data.template, cfg.eval)
+    rows, tokenizer = read_jsonl(QA_DIR / "test.jsonl"), load_tokenizer(variant.model)
+    result, peak = measure(model, tokenizer, rows, cfg.data.template, cfg.eval)
     merge = variant.requantizes
     metrics = {
         **metrics_record(name, result, peak, cfg.eval),
@@ -43,12 +51,21 @@ def main() -> str:
         "update_survival": update_survival(BASE_Q, merge.base, merge.out, variant.model) if merge else None,
         "provenance": made_from(variant.model, variant.adapter, eval=as_dict(cfg.eval)),
     }
+    served = ""
+    if (method := method_of(variant.model)) and method.serving_runtime:  # the same tokens in the format's own runtime
+        del model
+        examples = examples_of(tokenizer, rows, cfg.data.template, cfg.eval)
+        with method.serve(variant.model, variant.adapter, n_ctx=max(len(e.input_ids) for e in examples)) as session:
+            theirs = runtime_perplexity(session, examples, method.serving_runtime)
+            metrics["serving_runtime"] = served_record(method.serving_runtime, session.version, theirs, result)
+        served = f", {method.serving_runtime} ppl {theirs.ppl:.4f} ({metrics['serving_runtime']['ppl_rel_diff']:+.2e})"
     write_text(csv, samples_csv(result))
     write_json(out, metrics)
     kept = f", LoRA update kept {metrics['update_survival']['overall']['kept']:.1%}" if merge else ""
     return (
         f"[evaluate@{name}] ppl {result.ppl:.4f} over {result.n_tokens} tokens, "
         f"{metrics['size_bytes'] / 2**20:.1f} MiB, {result.tokens_per_s:.0f} tok/s, peak {peak / 2**30:.2f} GiB{kept}"
+        f"{served}"
     )
 
 

@@ -28,8 +28,8 @@ def main() -> str | None:
     name = stage_target("finetune target", FINETUNES)
     base, out = FINETUNES[name], ADAPTERS_DIR / name
     cfg = load_config()
-    unsupported = get_quantizer(cfg.algo).unsupported_variants() if name in QUANTIZATION_AWARE else None
-    if reason := mark_na(out, [base], unsupported):
+    quantizer = get_quantizer(cfg.algo) if name in QUANTIZATION_AWARE else None
+    if reason := mark_na(out, [base], quantizer.unsupported_variants() if quantizer else None):
         return f"[finetune@{name}] n/a: {reason}"
     ft = cfg.finetune
     if distributed.relaunch(ft.devices, ft.grad_accum, cfg.model.device, [__file__, name]):
@@ -57,8 +57,8 @@ def main() -> str | None:
             extra["loftq_error"] = {"before": before, "after": after}
             if lead:
                 print(f"[finetune@{name}] LoftQ init: relative quantization error {before:.4f} -> {after:.4f}")
-    if name in QUANTIZATION_AWARE:
-        layers = apply_qat(model, get_quantizer(cfg.algo), cfg.qat.weight)
+    if quantizer:
+        layers = apply_qat(model, quantizer, cfg.qat.weight)
         if lead:
             print(f"[finetune@{name}] {layers} layers train against the {cfg.algo.name} grid ({cfg.qat.weight} weight)")
         run |= {"qat": as_dict(cfg.qat), "algo": as_dict(cfg.algo)}

@@ -13,7 +13,7 @@ from quantorder.data import render
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.models import dir_size
 from quantorder.progress import progress
-from quantorder.tokens import encode, pad_batch, token_nll
+from quantorder.tokens import Example, encode, pad_batch, token_nll
 
 PPL_DEFINITIONS = {
     False: "olive: each example as f'{bos} {template(row)} {eos}', truncated to max_seq_len, loss over all real "
@@ -32,14 +32,19 @@ class Perplexity:
     tokens_per_s: float
 
 
+def examples_of(tokenizer, rows: list[dict], template: str, cfg: EvalCfg) -> list[Example]:
+    """The scored examples: the first `cfg.max_examples` rows (all if 0), tokenized as `encode` does."""
+    rows = rows[: cfg.max_examples] if cfg.max_examples else rows
+    return [encode(tokenizer, render(template, r), cfg.max_seq_len, cfg.answer_only) for r in rows]
+
+
 def perplexity(model, tokenizer, rows: list[dict], template: str, cfg: EvalCfg) -> Perplexity:
     """Corpus-level perplexity of `model` on `rows`, with per-example token counts and NLL.
 
     Examples are batched by length (less padding, same numbers) and reported in input order.
     """
     device = next(model.parameters()).device
-    rows = rows[: cfg.max_examples] if cfg.max_examples else rows
-    examples = [encode(tokenizer, render(template, r), cfg.max_seq_len, cfg.answer_only) for r in rows]
+    examples = examples_of(tokenizer, rows, template, cfg)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     results: list[tuple[int, float]] = [(0, 0.0)] * len(examples)
     model.eval()
@@ -53,7 +58,21 @@ def perplexity(model, tokenizer, rows: list[dict], template: str, cfg: EvalCfg) 
             nll, n = token_nll(logits, batch["labels"])
             for j, tokens, loss in zip(idx, n.tolist(), nll.tolist()):
                 results[j] = (tokens, loss)
-    seconds = time.perf_counter() - start
+    return _perplexity(results, examples, time.perf_counter() - start)
+
+
+def runtime_perplexity(session, examples: list[Example], runtime: str) -> Perplexity:
+    """The same perplexity from another runtime's logits on the same tokens: `session.logits(ids)`
+    (tokens x vocab) for one example at a time, e.g. a GGUF in llama.cpp (`Quantizer.serve`)."""
+    results = []
+    start = time.perf_counter()
+    for e in progress(examples, len(examples), f"[evaluate] scoring in {runtime}", unit="examples"):
+        nll, n = token_nll(torch.from_numpy(session.logits(e.input_ids))[None], torch.tensor([e.labels]))
+        results.append((int(n), float(nll)))
+    return _perplexity(results, examples, time.perf_counter() - start)
+
+
+def _perplexity(results: list[tuple[int, float]], examples: list[Example], seconds: float) -> Perplexity:
     n_tokens = sum(t for t, _ in results)
     nll_sum = sum(loss for _, loss in results)
     return Perplexity(
@@ -93,6 +112,22 @@ def metrics_record(variant: str, result: Perplexity, peak: int, eval_cfg: EvalCf
         "peak_mem_bytes": peak,
         "eval_tokens_per_s": result.tokens_per_s,
         "eval_seconds": result.seconds,
+    }
+
+
+def served_record(runtime: str, version: str, theirs: Perplexity, ours: Perplexity) -> dict:
+    """The perplexity a serving runtime computes on the same tokens, beside the evaluator's."""
+    assert theirs.n_tokens == ours.n_tokens, "both runtimes score the same tokens"
+    return {
+        "runtime": runtime,
+        "version": version,
+        "ppl": theirs.ppl,
+        "nll_sum": theirs.nll_sum,
+        "ppl_rel_diff": theirs.ppl / ours.ppl - 1,
+        "max_example_nll_per_token_diff": max(
+            abs(a - b) / max(n, 1) for (n, a), (_, b) in zip(theirs.per_example, ours.per_example)
+        ),
+        "eval_tokens_per_s": theirs.tokens_per_s,
     }
 
 

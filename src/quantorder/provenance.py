@@ -59,7 +59,7 @@ def hash_file(path: str | Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def hash_dir(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".json", ".jsonl")) -> str:
+def hash_dir(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".gguf", ".json", ".jsonl")) -> str:
     """sha256 over the relative names and contents of the files in `path` with the given suffixes.
 
     Provenance files (`quantorder.json`) are excluded so that a hash never covers itself.

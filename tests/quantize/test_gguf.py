@@ -5,6 +5,9 @@ and bad types or an interrupted quantization leave nothing behind."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,13 +15,16 @@ import torch
 import yaml
 
 from quantorder import llama_cpp_runtime as runtime
-from quantorder.config import GGUFCfg
+from quantorder.cli import compose
+from quantorder.config import EvalCfg, GGUFCfg
 from quantorder.errors import ConfigError, UserError
+from quantorder.evaluate import examples_of, perplexity, runtime_perplexity
+from quantorder.layout import ADAPTERS_DIR, BASE_DIR, QA_DIR, QUANTIZED_DIR
 from quantorder.models import random_model
 from quantorder.quantize import bits_per_weight, load_dequantized, load_model, method_of
 from quantorder.quantize.gguf import GGUF_FILE, GGUFQuantizer, tensor_types
 
-from ..conftest import ROOT
+from ..conftest import LORA_TARGETS, ROOT, TEMPLATE
 
 CPU = torch.device("cpu")
 SMOLLM2 = yaml.safe_load((ROOT / "conf/model/smollm2-135m.yaml").read_text())
@@ -48,6 +54,18 @@ def q4km_dir(tmp_path_factory, llama_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def q4km_adapter(tmp_path_factory, q4km_dir):
+    """A LoRA adapter trained (here: random, non-zero B) on the GGUF's dequantized weights, as q_ft's is."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("q4km_adapter")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    get_peft_model(load_model(q4km_dir, "float32", CPU), lora).save_pretrained(out)
+    return out
+
+
 def _nll(logits: np.ndarray, ids: list[int]) -> float:
     logits = logits.astype(np.float64)
     top = logits.max(1, keepdims=True)
@@ -72,6 +90,95 @@ def test_transformers_reads_the_weights_llama_cpp_computes_with(q4km_dir, llama_
     with torch.no_grad():  # llama.cpp computes with the quantized weights, not the float ones
         floats = load_model(llama_dir, "float32", CPU)(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(ours - theirs).mean() < 0.5 * np.abs(floats - theirs).mean()
+
+
+# llama.cpp computes with f16 activations and rounds them to 8 bits for the k-quant dot products;
+# measured here: perplexity within 2e-4 relative of the evaluator's, with or without a LoRA
+PPL_RTOL = 1e-3
+
+
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["gguf", "gguf+lora"])
+def test_llama_cpp_scores_the_evaluators_perplexity_on_the_same_tokens(q4km_dir, q4km_adapter, qa_rows, with_adapter):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter = q4km_adapter if with_adapter else None
+    cfg, rows = EvalCfg(max_seq_len=96, batch_size=4), qa_rows[:8]
+    model = load_model(q4km_dir, "float32", CPU)
+    model = PeftModel.from_pretrained(model, adapter) if adapter else model
+    tokenizer = AutoTokenizer.from_pretrained(q4km_dir)
+    ours = perplexity(model, tokenizer, rows, TEMPLATE, cfg)
+    examples = examples_of(tokenizer, rows, TEMPLATE, cfg)
+    with GGUFQuantizer.serve(q4km_dir, adapter, n_ctx=cfg.max_seq_len, threads=2) as session:
+        theirs = runtime_perplexity(session, examples, "llama.cpp")
+    assert theirs.n_tokens == ours.n_tokens > 8 * 30
+    assert theirs.ppl == pytest.approx(ours.ppl, rel=PPL_RTOL)
+    gap = max(abs(a - b) / n for (n, a), (_, b) in zip(ours.per_example, theirs.per_example))
+    assert gap < 5e-3  # every example's mean NLL per token, not only the corpus total
+    if adapter:  # the LoRA is applied: without it llama.cpp scores another model
+        with GGUFQuantizer.serve(q4km_dir, None, n_ctx=cfg.max_seq_len, threads=2) as session:
+            bare = runtime_perplexity(session, examples, "llama.cpp")
+        assert max(abs(a - b) / n for (n, a), (_, b) in zip(ours.per_example, bare.per_example)) > 5 * gap
+
+
+def test_llama_cpp_greedy_decoding_continues_as_transformers_does(q4km_dir, q4km_adapter):
+    from peft import PeftModel
+
+    prompts = [[1, 504, 3371, 28, 2580], [1, 2000, 77, 12, 9, 431, 80, 5]]
+    model = PeftModel.from_pretrained(load_model(q4km_dir, "float32", CPU), q4km_adapter)
+    with torch.no_grad():
+        ours = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p) :] for p in prompts]
+    with GGUFQuantizer.serve(q4km_dir, q4km_adapter, n_ctx=16, n_seq=2, threads=2) as session:
+        assert session.greedy(prompts, 6) == [o.tolist() for o in ours]  # both sequences decoded together
+        with pytest.raises(ValueError, match="3 prompts: this session holds 2 sequences"):
+            session.greedy(prompts + prompts[:1], 1)
+
+
+@pytest.fixture(scope="module")
+def gguf_project(tmp_path_factory, llama_dir, q4km_dir, q4km_adapter, qa_rows):
+    """A project whose pipeline ran to base_q and the ft adapter with algo=gguf (the tiny model's own
+    tokenizer is not one llama.cpp's converter knows, so the DVC pipeline tests cannot make it)."""
+    project = tmp_path_factory.mktemp("gguf_project")
+    shutil.copytree(ROOT / "conf", project / "conf")
+    compose(["+experiment=tiny", "algo=gguf", "eval.max_seq_len=96"], project / "conf", project / "params.yaml")
+    (project / QA_DIR).mkdir(parents=True)
+    (project / QA_DIR / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_rows[:8]))
+    (project / QA_DIR / "manifest.json").write_text(json.dumps({"sha256": "data"}))
+    made = {BASE_DIR: llama_dir, QUANTIZED_DIR / "base_q": q4km_dir, ADAPTERS_DIR / "ft": q4km_adapter}
+    for path, src in made.items():
+        shutil.copytree(src, project / path)
+    provenance = {"sha256": "base", "seed": 0, "source": {"parameters": 10**6}, "algo": {"name": "gguf"}}
+    for path in made:
+        (project / path / "quantorder.json").write_text(json.dumps(provenance))
+    return project
+
+
+def test_evaluate_records_the_perplexity_llama_cpp_computes(gguf_project):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages/evaluate.py"), "ft_q"], cwd=gguf_project, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((gguf_project / "metrics/eval/ft_q.json").read_text())
+    served = metrics["serving_runtime"]
+    assert served["runtime"] == "llama.cpp" and "llama.cpp b9371" in served["version"]
+    assert served["ppl"] == pytest.approx(metrics["ppl"], rel=PPL_RTOL) and served["ppl"] != metrics["ppl"]
+    assert abs(served["ppl_rel_diff"]) < PPL_RTOL and served["max_example_nll_per_token_diff"] < 5e-3
+    assert f"llama.cpp ppl {served['ppl']:.4f}" in done.stdout
+
+
+def test_variants_benchmark_decodes_in_llama_cpp_beside_transformers(gguf_project, tmp_path):
+    out = tmp_path / "variants.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "4", "--repeats", "1"]
+    cmd += ["--batch-sizes", "1", "3", "--variants", "ft_q", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=gguf_project, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for name, r in results["variants"].items():  # base: from its 16-bit conversion; ft_q: the GGUF plus a GGUF LoRA
+        assert r["served"]["runtime"] == "llama.cpp", name
+        assert set(r["served"]["decode_tokens_per_s"]) == set(r["decode_tokens_per_s"]) == {"1", "3"}
+        assert min(r["served"]["decode_tokens_per_s"].values()) > 0
+    assert results["algo"] == "gguf Q4_K_M"
+    assert "llama.cpp tok/s b1 (vs base 16-bit)" in out.with_suffix(".md").read_text()
 
 
 def test_the_checkpoint_records_llama_cpps_own_type_mix_and_bits(q4km_dir):

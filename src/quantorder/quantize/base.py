@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ class Quantizer(ABC):
     requires_calibration: ClassVar[bool]
     backend: ClassVar[str]
     checkpoint_formats: ClassVar[tuple[str, ...]]
+    serving_runtime: ClassVar[str | None] = None  # a runtime of the format's own that serves its checkpoints
 
     def __init__(self, cfg: AlgoCfg) -> None:
         self.cfg = cfg
@@ -112,6 +114,14 @@ class Quantizer(ABC):
             if not name.startswith(tuple(quantized)):
                 state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         return float_model_from_state(model, state, dtype)
+
+    @classmethod
+    def serve(
+        cls, model_dir: Path, adapter_dir: Path | None = None, n_ctx: int = 512, n_seq: int = 1, threads: int = 0
+    ) -> AbstractContextManager[Any]:
+        """A checkpoint (plus a PEFT adapter) in `serving_runtime`, for `n_seq` sequences of up to
+        `n_ctx` tokens: a session with `logits(tokens)` and `greedy(prompts, new_tokens)`."""
+        raise NotImplementedError(f"{cls.name} checkpoints have no serving runtime of their own")
 
     @classmethod
     def bits_per_weight(cls, model: torch.nn.Module) -> float | None:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +41,7 @@ class GGUFQuantizer(Quantizer):
     backend = "llama.cpp"
     requires_calibration = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("gguf",)
+    serving_runtime = "llama.cpp"
 
     def check(self, model: torch.nn.Module) -> None:
         """Nothing to refuse: llama.cpp picks a fallback type for a tensor its type cannot store."""
@@ -78,6 +81,21 @@ class GGUFQuantizer(Quantizer):
         return model
 
     @classmethod
+    @contextmanager
+    def serve(
+        cls, model_dir: Path, adapter_dir: Path | None = None, n_ctx: int = 512, n_seq: int = 1, threads: int = 0
+    ) -> Iterator[runtime.Session]:
+        """The GGUF in llama.cpp; an adapter goes in as a GGUF LoRA made by llama.cpp's converter. A
+        float model dir is converted to a 16-bit GGUF first: the baseline in the same runtime."""
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf_file = model_dir / GGUF_FILE
+            if not gguf_file.is_file():
+                gguf_file = convert_to_gguf(model_dir, Path(tmp) / "f16.gguf")
+            lora = convert_lora(adapter_dir, model_dir, Path(tmp) / "lora.gguf") if adapter_dir else None
+            with runtime.Session(gguf_file, lora, n_ctx, n_seq, threads) as session:
+                yield session
+
+    @classmethod
     def is_quantized_linear(cls, module: torch.nn.Module) -> bool:
         return isinstance(module, torch.nn.Linear) and hasattr(module, "gguf_type")
 
@@ -93,11 +111,9 @@ class GGUFQuantizer(Quantizer):
         return 8 * module.gguf_bytes
 
 
-def convert_to_gguf(model_dir: Path, out_file: Path) -> None:
+def convert_to_gguf(model_dir: Path, out_file: Path) -> Path:
     """llama.cpp's converter: the float model dir as a 16-bit GGUF."""
-    script = runtime.tools_dir() / "convert_hf_to_gguf.py"
-    cmd = [sys.executable, str(script), str(model_dir), "--outtype", "f16", "--outfile", str(out_file)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = _convert("convert_hf_to_gguf.py", model_dir, out_file)
     if "BPE pre-tokenizer was not recognized" in done.stderr:
         raise UserError(
             f"algo=gguf: llama.cpp's converter does not recognize the tokenizer of {model_dir} (its pre-tokenizer "
@@ -105,6 +121,24 @@ def convert_to_gguf(model_dir: Path, out_file: Path) -> None:
         )
     if done.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{done.stderr[-2000:]}")
+    return out_file
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, out_file: Path) -> Path:
+    """llama.cpp's converter: a PEFT LoRA adapter as a 16-bit GGUF LoRA for the model in `base_dir`
+    (of which the converter reads only the architecture: config.json, less any quantization)."""
+    with tempfile.TemporaryDirectory() as config_dir:
+        config = {k: v for k, v in model_config(base_dir).items() if k != "quantization_config"}
+        (Path(config_dir) / "config.json").write_text(json.dumps(config))
+        done = _convert("convert_lora_to_gguf.py", adapter_dir, out_file, "--base", config_dir)
+    if done.returncode:
+        raise RuntimeError(f"convert_lora_to_gguf.py failed on {adapter_dir}:\n{done.stderr[-2000:]}")
+    return out_file
+
+
+def _convert(script: str, src: Path, out_file: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(runtime.tools_dir() / script), str(src), "--outtype", "f16", "--outfile", str(out_file)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True)
 
 
 def tensor_types(gguf_file: Path) -> dict[str, tuple[str, int]]:
