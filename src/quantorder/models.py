@@ -243,7 +243,7 @@ def float_model_from_state(model, state: dict[str, torch.Tensor], dtype: torch.d
     return float_model.to(next(model.parameters()).device)
 
 
-def dir_size(path: str | Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
+def dir_size(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".gguf")) -> int:
     """Bytes of the weight files in `path` (top level only: subdirs hold records such as AWQ's scales)."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.suffix in suffixes)
 
