@@ -127,8 +127,9 @@ class Session:
             lib.llama_adapter_lora_free(self.lora)
         if self.ctx:
             lib.llama_free(self.ctx)
-        lib.llama_model_free(self.model)
-        self.batch = self.lora = self.ctx = None
+        if self.model:
+            lib.llama_model_free(self.model)
+        self.batch = self.lora = self.ctx = self.model = None
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """One `llama_decode` of (token, position, sequence, wants logits) entries."""
