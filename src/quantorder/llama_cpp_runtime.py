@@ -60,6 +60,12 @@ def _errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 _log_errors_only = None
 
 
+def cpu_threads() -> int:
+    """Threads for llama.cpp: `OMP_NUM_THREADS` where set (the knob torch follows too, so several
+    stage processes on one host can split its cores), else every core this process may use."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+
+
 def version() -> str:
     """The bindings' and the libraries' package versions."""
     bindings_version = importlib.metadata.version("llama-cpp-python")
@@ -73,7 +79,7 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
     lib = bindings()
     params = lib.llama_model_quantize_default_params()
     params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{type_name}")
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or cpu_threads()
     partial = dst.with_name(dst.name + ".partial")
     rc = lib.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
     if rc != 0:
@@ -95,7 +101,7 @@ class Session:
         params.n_ctx = params.n_batch = n_ctx * n_seq
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
-        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        params.n_threads = params.n_threads_batch = threads or cpu_threads()
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = lib.llama_init_from_model(self.model, params)
         self.lora = lib.llama_adapter_lora_init(self.model, str(lora).encode()) if lora else None
