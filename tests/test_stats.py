@@ -47,6 +47,8 @@ def test_report_carries_intervals_into_summary_and_table(tmp_path):
         ppl = float(np.exp(nll.sum() / TOKENS.sum()))
         metrics[v] = {"ppl": ppl, "size_bytes": 1, "bits_per_param": 4.0, "eval_tokens_per_s": 1.0, "peak_mem_bytes": 1}
         metrics[v] |= {"ppl_definition": "corpus", "provenance": {**PROVENANCE, "model_sha256": v}}
+    served = {"runtime": "llama.cpp", "version": "b1", "ppl": metrics["base_q"]["ppl"] * 1.003, "nll_sum": 1.0}
+    metrics["base_q"]["serving_runtime"] = served | {"ppl_rel_diff": 0.003, "eval_tokens_per_s": 250.0}
     tokens, nll = read_samples(tmp_path / "q_ft.samples.csv")
     assert tokens.shape == nll.shape == (120,)
     summary = summarize(metrics, "rtn 4-bit g64", "0123456789", gap_intervals(tmp_path, metrics))
@@ -57,6 +59,10 @@ def test_report_carries_intervals_into_summary_and_table(tmp_path):
     assert low < summary["gap_to_ft_pct"]["base_q"] < high
     table = markdown_table(summary)
     assert "| `q_ft` |" in table and "(n.s.)" in table.split("| `q_ft` |")[1].splitlines()[0]
+    # the serving runtime's perplexity on the same tokens: only where a variant has one
+    assert list(summary["serving_runtime"]) == ["base_q"] and summary["serving_runtime"]["base_q"]["ppl_rel_diff"] == 0.003
+    base_q = summary["ppl"]["base_q"]
+    assert f"| `base_q` | llama.cpp | {base_q:.3f} | {base_q * 1.003:.3f} | +0.30% | 250 |" in table
     with pytest.raises(UserError, match="missing"):
         read_samples(tmp_path / "absent.samples.csv")
 

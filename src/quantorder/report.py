@@ -60,6 +60,12 @@ def summarize(all_metrics: dict[str, dict], algo_label: str, algo_digest: str, i
         "update_kept": {
             v: round(m["update_survival"]["overall"]["kept"], 4) for v, m in metrics.items() if m.get("update_survival")
         },
+        # the same test tokens scored by the runtime that serves the format (GGUF: llama.cpp), where it has one
+        "serving_runtime": {
+            v: {k: m["serving_runtime"][k] for k in ("runtime", "ppl", "ppl_rel_diff", "eval_tokens_per_s")}
+            for v, m in metrics.items()
+            if "serving_runtime" in m
+        },
         "provenance": shared_provenance(metrics),
     }
 
@@ -114,7 +120,24 @@ def markdown_table(summary: dict) -> str:
         for v in VARIANTS
     )
     note = "Intervals: paired bootstrap over test examples; n.s.: the interval includes zero."
-    return f"Perplexity on the test split, {summary['algo']}.\n\n{header}{body}\n{note}\n"
+    return f"Perplexity on the test split, {summary['algo']}.\n\n{header}{body}\n{note}\n{_served_table(summary)}"
+
+
+def _served_table(summary: dict) -> str:
+    """The serving runtime's perplexity on the same tokens, beside the evaluator's (none: empty)."""
+    served = summary.get("serving_runtime") or {}
+    if not served:
+        return ""
+    rows = "".join(
+        f"| `{v}` | {s['runtime']} | {summary['ppl'][v]:.3f} | {s['ppl']:.3f} | {100 * s['ppl_rel_diff']:+.2f}% | "
+        f"{s['eval_tokens_per_s']:.0f} |\n"
+        for v, s in served.items()
+    )
+    return (
+        "\nThe same test tokens in the runtime that serves the format:\n\n"
+        "| variant | runtime | ppl (evaluator) | ppl (runtime) | difference | runtime eval tok/s |\n"
+        f"|---|---|---:|---:|---:|---:|\n{rows}"
+    )
 
 
 def chart(summary: dict, path: Path) -> None:
