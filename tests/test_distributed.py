@@ -73,7 +73,7 @@ def test_two_processes_train_the_same_steps_as_one(prepared):
 
 def test_two_processes_resume_after_a_kill(prepared):
     """Each process's dropout stream is in the checkpoint: the resumed pair ends as an unbroken pair."""
-    _compose(prepared, 2, "finetune.max_steps=24", "finetune.checkpoint_every=2", "finetune.dropout=0.1")
+    _compose(prepared, 2, "finetune.max_steps=8", "finetune.checkpoint_every=2", "finetune.dropout=0.1")
     unbroken = _stage(prepared, "stages/finetune.py", "ft")
     assert unbroken.returncode == 0, unbroken.stderr[-2000:]
     expected = (prepared / "models/adapters/ft/train_log.jsonl").read_text().splitlines()

@@ -7,8 +7,8 @@ recompute that stage and end with the numbers and model hashes of the undisturbe
 resumed fine-tune: the same adapter weights and loss curve, which fix every number downstream).
 
 Each copy lives in another directory, so the same tests show that one config and seed give the same
-numbers: every stage kind (prepare, calibrate, finetune, merge, quantize, evaluate of a quantized
-model) runs again from nothing there and reproduces its outputs byte for byte.
+numbers: each stage that makes a model or numbers (prepare, finetune, merge, quantize, evaluate of a
+quantized model) runs again from nothing there and reproduces its outputs byte for byte.
 """
 
 from __future__ import annotations
@@ -144,7 +144,6 @@ def _into_stage(log: Path, stage: str, seconds: float = 1.0):
     "stage,out",
     [
         ("prepare", "models/base"),
-        ("calibrate", "data/calibration"),
         ("merge@ft", "models/merged/ft"),
         ("quantize@ft_merge_q", "models/quantized/ft_merge_q"),
         ("evaluate@ft_merge_q", "metrics/eval/ft_merge_q.json"),

@@ -32,6 +32,7 @@ from quantorder.models import copy_tokenizer, load_pretrained, model_config, tor
 from quantorder.quantize.base import Quantizer
 
 GGUF_FILE = "model.gguf"
+TENSOR_TYPES_FILE = "gguf_tensor_types.json"  # beside it: each tensor's type and bytes, read without parsing the GGUF
 
 
 class GGUFQuantizer(Quantizer):
@@ -61,18 +62,26 @@ class GGUFQuantizer(Quantizer):
         config = model_config(model_dir)
         config["quantization_config"] = {"quant_method": "gguf", "type": self.cfg.type, "gguf_file": GGUF_FILE}
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        types = tensor_types(out_dir / GGUF_FILE)
+        (out_dir / TENSOR_TYPES_FILE).write_text(json.dumps(types, indent=1))
         copy_tokenizer(model_dir, out_dir)
         return {
             "backend": "llama.cpp",
             "type": self.cfg.type,
-            "tensor_types": dict(Counter(t for t, _ in tensor_types(out_dir / GGUF_FILE).values())),
+            "tensor_types": dict(Counter(t for t, _ in types.values())),
             "llama_cpp": runtime.version(),
         }
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
-        model = load_pretrained(model_dir, gguf_file=GGUF_FILE, dtype=torch_dtype(dtype)).to(device)
-        types = tensor_types(model_dir / GGUF_FILE)
+        """The GGUF's weights, dequantized by transformers. gguf-py parses a GGUF's metadata (the
+        tokenizer's vocabulary and merges too) in seconds per read, so the architecture comes from
+        config.json and the tensor types from their JSON beside the file: one parse, not three."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        model = load_pretrained(model_dir, config=config, gguf_file=GGUF_FILE, dtype=torch_dtype(dtype)).to(device)
+        types = json.loads((model_dir / TENSOR_TYPES_FILE).read_text())
         names = gguf_names(model)
         for name, module in cls.quantized_linears(model):
             gguf_type, nbytes = types[names[name]]
