@@ -9,10 +9,11 @@ travels as llama-cpp-python's bindings built into a wheel here (no native code),
 libraries' wheel trimmed to what loads, and its converter scripts in `llama.cpp-tools.tgz`.
 
 Usage (with the project's venv):
-    python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow] [--cuda 130]
-On the host:
-    pip install --no-deps --no-index --no-build-isolation --target /tmp/site .gpu-wheels/*.whl .gpu-wheels/*.tar.gz .
-    tar xzf .gpu-wheels/llama.cpp-tools.tgz -C /tmp/site
+    python scripts/gpu_wheelhouse.py .gpu-wheels [--with-mlflow] [--cuda 130] [--part-mib 60]
+Files past --part-mib go to `.gpu-wheels-2`, `-3`, ... (a device call carries at most 64 MiB).
+On the host, after each part is copied into one folder (/tmp/wheels):
+    pip install --no-deps --no-index --no-build-isolation --target /tmp/site /tmp/wheels/*.whl /tmp/wheels/*.tar.gz .
+    tar xzf /tmp/wheels/llama.cpp-tools.tgz -C /tmp/site
     export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH   (docs/gpu.md: why one pip call)
     export QUANTORDER_LLAMA_CPP_TOOLS=/tmp/site/llama.cpp
 """
@@ -40,7 +41,7 @@ ROOTS = [
     "pytest",  # to run the GPU tests (pytest -m gpu) on the host
 ]  # fmt: skip
 # Present on a CUDA PyTorch image (and large): never carried.
-HOST_HAS = {"torch", "triton", "numpy", "setuptools", "pip", "wheel", "mpmath", "scipy", "networkx", "jinja2"}
+HOST_HAS = {"torch", "triton", "numpy", "setuptools", "pip", "wheel", "mpmath", "scipy", "jinja2"}
 HOST_HAS_PREFIXES = ("nvidia-", "cuda-")
 NOT_NEEDED = {"datasets", "hf-xet"}  # hub downloads only; the embedded default builds its data locally
 LEAVES = {"gptqmodel"}  # installed without its metadata's requirements (see Makefile); ROOTS lists its needs
@@ -140,6 +141,29 @@ def add_llama_cpp(dest: Path) -> None:
         tar.add(TOOLS_DIR, arcname="llama.cpp", filter=lambda t: None if "__pycache__" in t.name else t)
 
 
+def split_into_parts(dest: Path, part_bytes: int) -> list[Path]:
+    """Move files, largest first, from `dest` into `dest-2`, `dest-3`, ... until no folder holds
+    more than `part_bytes`. The folders, `dest` first."""
+    parts = [dest]
+    files = sorted(dest.iterdir(), key=lambda p: p.stat().st_size)
+    held = sum(p.stat().st_size for p in files)
+    while held > part_bytes:
+        part = dest.with_name(f"{dest.name}-{len(parts) + 1}")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir()
+        moved = 0
+        for f in sorted(files, key=lambda p: -p.stat().st_size):
+            size = f.stat().st_size
+            if moved + size <= part_bytes and held > part_bytes:
+                shutil.move(f, part / f.name)
+                files.remove(f)
+                moved, held = moved + size, held - size
+        if not moved:
+            sys.exit(f"error: {files[-1].name} alone is over {part_bytes / 2**20:.0f} MiB (--part-mib)")
+        parts.append(part)
+    return parts
+
+
 def pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--no-deps"], capture_output=True, text=True)
 
@@ -149,6 +173,7 @@ def main() -> None:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--cuda", default="130", help="the host's CUDA release for bitsandbytes (torch.version.cuda)")
     parser.add_argument("--with-mlflow", action="store_true", help="also carry mlflow (large); else disable tracking")
+    parser.add_argument("--part-mib", type=float, default=60, help="most MiB per folder (one device call's carry)")
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
     wanted = closure(ROOTS + (["mlflow"] if args.with_mlflow else []))
@@ -170,8 +195,9 @@ def main() -> None:
     for wheel in args.dest.glob("bitsandbytes-*.whl"):
         keep_one_cuda(wheel, args.cuda)
     add_llama_cpp(args.dest)
-    size = sum(p.stat().st_size for p in args.dest.iterdir())
-    print(f"{len(wanted)} packages, {size / 2**20:.1f} MiB in {args.dest}")
+    for part in split_into_parts(args.dest, int(args.part_mib * 2**20)):
+        files = list(part.iterdir())
+        print(f"{part}: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
