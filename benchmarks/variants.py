@@ -37,43 +37,49 @@ from quantorder.quantize.base import Quantizer
 from quantorder.variants import VARIANTS
 
 
+def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
+    """Decoding tokens/s of `generate(n)` (greedy, `n` new tokens for each of `batch` prompts), the
+    prompt excluded: the median time of `new_tokens + 1` tokens less the median time of 1 token
+    (the prompt's forward pass and the first token), as llama-bench's tg is kept apart from pp.
+    Medians of `repeats` timed runs: small-batch decoding is bound by host overhead, which jitters."""
+    generate(2)  # warm-up
+
+    def median_seconds(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generate(n)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return batch * new_tokens / max(median_seconds(new_tokens + 1) - median_seconds(1), 1e-9)
+
+
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
-    """Greedy decoding of exactly `new_tokens` tokens for `batch` prompts; generated tokens per second,
-    the median of `repeats` timed runs (small-batch decoding is bound by host overhead, which jitters)."""
+    """`decode_rate` of transformers' eager `generate` on `batch` of `prompts`."""
     tokenizer.padding_side = "left"
     enc = tokenizer([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-    greedy = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    model.generate(**enc, max_new_tokens=2, min_new_tokens=2, **greedy)  # warm-up
-    rates = []
-    for _ in range(repeats):
+
+    def generate(n: int) -> None:
+        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         if enc["input_ids"].is_cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **greedy)
-        if enc["input_ids"].is_cuda:
-            torch.cuda.synchronize()
-        rates.append(batch * new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+
+    return decode_rate(generate, batch, new_tokens, repeats)
 
 
 def served_decode_tokens_per_s(
     method: type[Quantizer], spec, token_ids: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int
 ) -> dict[str, float]:
-    """`decode_tokens_per_s` in the format's own runtime (`Quantizer.serve`): greedy decoding of
-    `new_tokens` tokens for each batch of prompts, decoded together as separate sequences."""
-    n_ctx = max(len(ids) for ids in token_ids) + new_tokens
+    """`decode_rate` in the format's own runtime (`Quantizer.serve`), each batch of prompts decoded
+    together as separate sequences."""
+    n_ctx = max(len(ids) for ids in token_ids) + new_tokens + 1
     with method.serve(spec.model, spec.adapter, n_ctx=n_ctx, n_seq=max(batch_sizes)) as session:
         speeds = {}
         for b in batch_sizes:
             prompts = [token_ids[i % len(token_ids)] for i in range(b)]
-            session.greedy(prompts, 2)  # warm-up
-            rates = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                session.greedy(prompts, new_tokens)
-                rates.append(b * new_tokens / (time.perf_counter() - start))
-            speeds[str(b)] = statistics.median(rates)
+            speeds[str(b)] = decode_rate(lambda n, p=prompts: session.greedy(p, n), b, new_tokens, repeats)
     return speeds
 
 
@@ -137,6 +143,7 @@ def markdown(results: dict, baseline: str = "base") -> str:
     runs = results.get("repeats", 1)
     title = f"Variants on {results['device']} ({results['algo']}, {results['new_tokens']} new tokens, greedy, "
     title += f"median of {runs} timed runs)\n\n" if runs > 1 else "one timed run)\n\n"
+    title += "Decoding tokens/s leave out the prompt's forward pass (time of N+1 new tokens less time of 1).\n\n"
     if served:
         title += f"In {served}, quantized variants run from their checkpoint, float ones from a 16-bit conversion.\n\n"
     return title + head + "\n".join(rows) + "\n"

@@ -181,7 +181,7 @@ def _wait_for_queue(project: Path, timeout_s: float = 1200) -> tuple[list[str], 
         if tasks and not any(t[-1] in ("Queued", "Running") for t in tasks):
             assert all(t[-1] == "Success" for t in tasks), tasks
             return [t[1] for t in tasks], most_at_once
-        time.sleep(2)
+        time.sleep(10)  # each `dvc queue status` is a process of its own: about a CPU-second
     raise AssertionError("queued experiments did not finish in time")
 
 
