@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantorder.compare import from_exp_show, grid, winners, write
+from quantorder.compare import from_exp_show, grid, pareto, winners, write
 from quantorder.errors import UserError
 from quantorder.variants import VARIANTS
 
@@ -153,3 +153,61 @@ def test_compare_reads_a_saved_exp_show_from_another_host(tmp_path, monkeypatch,
         main(["compare", "--no-mlflow", "--exp-show", str(saved)])
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: --exp-show {saved}: not a readable `dvc exp show --json` output")
+
+
+def _summary(ppl: dict, size: dict, speed: dict, ci: dict, served: dict | None = None) -> dict:
+    return {
+        "ppl": ppl,
+        "size_mib": size,
+        "eval_tokens_per_s": speed,
+        "gap_to_ft_ci95_pct": ci,
+        "serving_runtime": served or {},
+    }
+
+
+def test_pareto_front_counts_a_quality_difference_only_where_the_intervals_separate():
+    """One seed each, so the intervals are the summaries' own (paired bootstrap over examples)."""
+    # by default a variant is as large and fast as ft and clearly worse: dominated by ft
+    ppl = {v: 7.7 for v in VARIANTS} | {"ft": 7.0, "q_ft": 7.2, "ft_q": 7.5, "ft_merge_q": 7.45, "qat_merge_q": 7.6}
+    size = {v: 100.0 for v in VARIANTS} | {"ft_q": 30.0, "ft_merge_q": 30.0, "qat_merge_q": 30.0, "q_ft": 32.0}
+    speed = {v: 1000.0 for v in VARIANTS} | {"ft_merge_q": 1050.0, "qat_merge_q": 2000.0}
+    ci = {v: [9.5, 10.5] for v in VARIANTS if v != "ft"} | {
+        "q_ft": [2.0, 3.7],  # wholly below ft_q's: better quality, but larger
+        "ft_q": [6.0, 8.0],
+        "ft_merge_q": [5.9, 7.9],  # overlaps ft_q's: a tie; as large, 5% faster: within the tolerance
+        "qat_merge_q": [7.5, 9.5],  # overlaps both, as large, twice as fast: dominates them
+    }
+    summary = _summary(ppl, size, speed, ci)
+    rev = _rev("e0", "gptq 4-bit g64", 0, ppl=ppl)
+    rev["data"]["metrics"]["metrics/summary.json"]["data"] |= summary
+    cells = grid(from_exp_show(_show(rev)))
+    front = pareto(cells)
+    on_front = {p["variant"] for p in front["front"]}
+    assert on_front == {"ft", "q_ft", "qat_merge_q"}
+    by = {p["variant"]: p["dominated_by"] for p in front["dominated"]}
+    assert by["ft_q"] == by["ft_merge_q"] == "`qat_merge_q` (gptq 4-bit g64)"
+    assert by["q_ft_fmerge"] == "`ft` (float)"  # float, as large as ft and no better
+    ft = next(p for p in front["front"] if p["variant"] == "ft")
+    assert ft["gap_ci95_pct"] == (0.0, 0.0) and ft["runtime"] == "transformers"
+    # the same grid with qat_merge_q's interval wholly above ft_q's: now ft_q is better in quality
+    summary["gap_to_ft_ci95_pct"]["qat_merge_q"] = [8.1, 9.9]
+    cells = grid(from_exp_show(_show(rev)))
+    assert {"ft_q", "ft_merge_q", "qat_merge_q"} <= {p["variant"] for p in pareto(cells)["front"]}
+
+
+def test_pareto_front_reads_the_serving_runtimes_speed_and_is_in_the_table(tmp_path):
+    ppl = PPL["gptq 4-bit g64"]
+    size = {v: 100.0 for v in VARIANTS} | {v: 25.0 for v in ("base_q", "ft_q", "ft_merge_q", "q_ft_fmerge_q")}
+    speed = {v: 500.0 for v in VARIANTS}
+    ci = {v: [100 * (p / 7.0 - 1) - 0.5, 100 * (p / 7.0 - 1) + 0.5] for v, p in ppl.items() if v != "ft"}
+    served = {"ft_q": {"runtime": "llama.cpp", "eval_tokens_per_s": 3000.0}}
+    rev = _rev("e0", "gptq 4-bit g64", 0, ppl=ppl)
+    rev["data"]["metrics"]["metrics/summary.json"]["data"] |= _summary(ppl, size, speed, ci, served)
+    data, files = write(from_exp_show(_show(rev)), tmp_path)
+    front = {p["variant"]: p for p in data["pareto"]["front"]}
+    assert front["ft_q"]["runtime"] == "llama.cpp" and front["ft_q"]["tokens_per_s"] == 3000.0
+    assert "q_ft_fmerge_q" in front  # better quality than ft_q at the same size, though slower
+    assert "On the Pareto front of quality, size and speed: `ft` (float)" in data["verdict"]
+    table = files[1].read_text()
+    assert "## Pareto front: quality, size, speed" in table
+    assert "| gptq 4-bit g64 | `ft_q` | +17.14% | [+16.64%, +17.64%] | 25.0 | 3000 (llama.cpp) |" in table

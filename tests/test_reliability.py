@@ -7,8 +7,9 @@ recompute that stage and end with the numbers and model hashes of the undisturbe
 resumed fine-tune: the same adapter weights and loss curve, which fix every number downstream).
 
 Each copy lives in another directory, so the same tests show that one config and seed give the same
-numbers: each stage that makes a model or numbers (prepare, finetune, merge, quantize, evaluate of a
-quantized model) runs again from nothing there and reproduces its outputs byte for byte.
+numbers: each stage that makes a model or numbers (finetune, merge, quantize, evaluate of a quantized
+model) runs again from nothing there and reproduces its outputs byte for byte (prepare's own
+determinism: tests/test_data.py).
 """
 
 from __future__ import annotations
@@ -143,7 +144,6 @@ def _into_stage(log: Path, stage: str, seconds: float = 1.0):
 @pytest.mark.parametrize(
     "stage,out",
     [
-        ("prepare", "models/base"),
         ("merge@ft", "models/merged/ft"),
         ("quantize@ft_merge_q", "models/quantized/ft_merge_q"),
         ("evaluate@ft_merge_q", "metrics/eval/ft_merge_q.json"),

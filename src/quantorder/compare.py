@@ -7,6 +7,7 @@ the grid covers whatever `dvc exp run` / `dvc exp run --queue` produced, MLflow 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -40,6 +41,34 @@ class Experiment:
     ppl: dict[str, float]  # variants the algorithm cannot make (n/a) are absent
     settings: dict[str, str]  # every other params.yaml setting, flattened: "qlora.init" -> "loftq"
     baseline: dict[str, str]  # the same, of the commit the experiment was run from
+    cost: dict[str, Cost] = dataclasses.field(default_factory=dict)  # per variant, where the summary has it
+
+
+@dataclass
+class Cost:
+    """What a variant costs to serve, and its own interval of the gap to ft (paired bootstrap over
+    the test examples), from one experiment's summary."""
+
+    size_mib: float
+    tokens_per_s: float  # scoring throughput in `runtime` on the machine that evaluated it
+    runtime: str
+    gap_ci95_pct: tuple[float, float] | None
+
+
+def _costs(summary: dict) -> dict[str, Cost]:
+    """Cost per variant of a metrics/summary.json (none for summaries older than these fields)."""
+    served = summary.get("serving_runtime") or {}
+    intervals = summary.get("gap_to_ft_ci95_pct") or {}
+    return {
+        v: Cost(
+            size,
+            served[v]["eval_tokens_per_s"] if v in served else summary["eval_tokens_per_s"][v],
+            served[v]["runtime"] if v in served else "transformers",
+            tuple(intervals[v]) if v in intervals else (0.0, 0.0) if v == TARGET else None,
+        )
+        for v, size in (summary.get("size_mib") or {}).items()
+        if v in (summary.get("eval_tokens_per_s") or {})
+    }
 
 
 def _params(entry: dict) -> dict:
@@ -88,7 +117,7 @@ def from_exp_show(show: list[dict]) -> list[Experiment]:
             continue  # a failed or unfinished experiment
         algo_id, label = algo_identity(params["algo"]) if "algo" in params else (summary["algo"], summary["algo"])
         seed, settings = int(params.get("seed", 0)), _settings(params)
-        exp = Experiment(name, label, algo_id, seed, summary["ppl"], settings, _settings(baseline))
+        exp = Experiment(name, label, algo_id, seed, summary["ppl"], settings, _settings(baseline), _costs(summary))
         found.setdefault(f"{exp.algo_id}|{exp.seed}|{json.dumps(exp.ppl, sort_keys=True)}", exp)
     experiments = list(found.values())
     _tell_apart(experiments)
@@ -118,6 +147,7 @@ class Cell:
     seeds: list[int]
     ppl: list[float]
     gap_pct: list[float]  # to the same seed's ft
+    costs: list[Cost] = dataclasses.field(default_factory=list)  # per seed; empty if a summary lacks them
 
     @property
     def mean(self) -> float:
@@ -158,6 +188,7 @@ def grid(experiments: list[Experiment]) -> dict[str, dict[str, Cell]]:
                 seeds=seeds,
                 ppl=[per_seed[s].ppl[v] for s in seeds],
                 gap_pct=[100 * (per_seed[s].ppl[v] / per_seed[s].ppl[TARGET] - 1) for s in seeds],
+                costs=[per_seed[s].cost[v] for s in seeds] if all(v in per_seed[s].cost for s in seeds) else [],
             )
             for v in VARIANTS
             if all(v in per_seed[s].ppl for s in seeds)
@@ -194,6 +225,76 @@ def winners(cells: dict[str, dict[str, Cell]]) -> dict[str, dict]:
     return {"order": order, "algorithm": algorithm}
 
 
+SPEED_TOLERANCE = 0.10  # speeds within 10% count as equal: one measurement each, on a machine shared with others
+
+
+@dataclass
+class Point:
+    """One algorithm x variant by quality, size and speed (seed means)."""
+
+    algo: str
+    variant: str
+    gap_pct: float
+    gap_ci95_pct: tuple[float, float] | None  # across seeds; with one seed, over the test examples
+    size_mib: float
+    tokens_per_s: float
+    runtime: str
+
+    @property
+    def label(self) -> str:
+        return f"`{self.variant}` ({self.algo})" if self.variant != TARGET else f"`{TARGET}` (float)"
+
+    def better_quality(self, other: Point) -> bool:
+        """A lower gap to ft whose interval lies wholly below the other's: the only way a
+        quality difference counts."""
+        mine, theirs = self.gap_ci95_pct, other.gap_ci95_pct
+        return mine is not None and theirs is not None and mine[1] < theirs[0]
+
+    def dominates(self, other: Point) -> bool:
+        """No worse in quality (the other's not better by the intervals; by the means where an
+        interval is missing), no larger, no slower, and better in one of them."""
+        known = self.gap_ci95_pct is not None and other.gap_ci95_pct is not None
+        no_worse = not other.better_quality(self) if known else self.gap_pct <= other.gap_pct
+        faster = self.tokens_per_s > other.tokens_per_s * (1 + SPEED_TOLERANCE)
+        slower = self.tokens_per_s < other.tokens_per_s * (1 - SPEED_TOLERANCE)
+        smaller, larger = self.size_mib < other.size_mib, self.size_mib > other.size_mib
+        return no_worse and not larger and not slower and (self.better_quality(other) or smaller or faster)
+
+
+def points(cells: dict[str, dict[str, Cell]]) -> list[Point]:
+    """The deliverables of every algorithm, and `ft` once, where the summaries carry their costs."""
+    out = []
+    for i, (algo, row) in enumerate(cells.items()):
+        for v in ([TARGET] if i == 0 else []) + COMPARED:  # ft: the same float chain in every row
+            c = row.get(v)
+            if c is None or not c.costs:
+                continue
+            own = c.costs[0].gap_ci95_pct if len(c.seeds) == 1 else c.gap_ci95()
+            size = statistics.fmean(k.size_mib for k in c.costs)
+            speed = statistics.fmean(k.tokens_per_s for k in c.costs)
+            out.append(Point(algo, v, statistics.fmean(c.gap_pct), own, size, speed, c.costs[0].runtime))
+    return out
+
+
+def pareto(cells: dict[str, dict[str, Cell]]) -> dict[str, list]:
+    """The Pareto front of quality (gap to ft, with its interval) against size on disk and speed:
+    the points no other point dominates; each other point with one that dominates it."""
+    pts = points(cells)
+    front, dominated = [], []
+    for p in pts:
+        by = next((q for q in pts if q is not p and q.dominates(p)), None)
+        (front if by is None else dominated).append((p, by))
+    return {
+        "front": [dataclasses.asdict(p) for p, _ in front],
+        "dominated": [{**dataclasses.asdict(p), "dominated_by": by.label} for p, by in dominated],
+        "speed_tolerance": SPEED_TOLERANCE,
+    }
+
+
+def _front_labels(front: list[dict]) -> str:
+    return ", ".join(Point(**p).label for p in front)
+
+
 def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
     """One paragraph for a design review: which order and which algorithm win, and on what evidence."""
     lines = []
@@ -226,6 +327,8 @@ def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
         )
         holds = "in every shared seed" if w["every_seed"] else "but not in every shared seed"
         lines.append(f"For `{v}`, {w['best']} has the lowest perplexity ({w['mean_ppl']:.3f}; {others}), {holds}.")
+    if front := pareto(cells)["front"]:
+        lines.append(f"On the Pareto front of quality, size and speed: {_front_labels(front)}.")
     return " ".join(lines)
 
 
@@ -261,7 +364,31 @@ def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
             interval = f"[{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else "-"
             gap = statistics.fmean(c.gap_pct)
             body += f"| {algo} | `{v}` | {len(c.seeds)} | {c.mean:.3f} | {c.sd:.3f} | {gap:+.2f}% | {interval} |\n"
-    return f"# Quantize before or after fine-tuning?\n\n{verdict(cells, wins)}\n\n![grid](grid.png)\n\n{header}{body}"
+    return (
+        f"# Quantize before or after fine-tuning?\n\n{verdict(cells, wins)}\n\n![grid](grid.png)\n\n{header}{body}"
+        + _pareto_table(pareto(cells))
+    )
+
+
+def _pareto_table(front: dict[str, list]) -> str:
+    """The Pareto front as a table, with the rule that put each point on it."""
+    if not front["front"]:
+        return ""
+    rows = "".join(
+        f"| {p['algo'] if p['variant'] != TARGET else 'float'} | `{p['variant']}` | {p['gap_pct']:+.2f}% | "
+        + (f"[{p['gap_ci95_pct'][0]:+.2f}%, {p['gap_ci95_pct'][1]:+.2f}%]" if p["gap_ci95_pct"] else "-")
+        + f" | {p['size_mib']:.1f} | {p['tokens_per_s']:.0f} ({p['runtime']}) |\n"
+        for p in sorted(front["front"], key=lambda p: p["size_mib"])
+    )
+    return (
+        "\n## Pareto front: quality, size, speed\n\n"
+        "No other variant is as good (its gap interval not wholly below), no larger, no slower "
+        f"(speeds within {100 * front['speed_tolerance']:.0f}% count as equal) and better in one of the three. "
+        "Speed: scoring tokens/s in the runtime named, on the machine that evaluated the variant. "
+        f"{len(front['dominated'])} other variants are dominated (grid.json names by which).\n\n"
+        "| algorithm | variant | gap to ft | 95% CI | size MiB | tokens/s (runtime) |\n|---|---|---:|---:|---:|---:|\n"
+        + rows
+    )
 
 
 def chart(cells: dict[str, dict[str, Cell]], path: Path) -> None:
@@ -311,6 +438,7 @@ def write(experiments: list[Experiment], out_dir: Path) -> tuple[dict, list[Path
             for algo, row in cells.items()
         },
         "winners": wins,
+        "pareto": pareto(cells),
         "verdict": verdict(cells, wins),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

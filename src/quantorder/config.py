@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -170,7 +171,7 @@ class AlgoCfg:
         changed = [
             f"{f.name}={getattr(self, f.name)}"
             for f in dataclasses.fields(self)
-            if f.name not in shared and getattr(self, f.name) != f.default
+            if f.name not in shared and getattr(self, f.name) != _default(f)
         ]
         return " ".join([base, *changed])
 
@@ -180,15 +181,55 @@ class AlgoCfg:
         return algo_digest(dataclasses.asdict(self))
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @dataclass
-class RTNCfg(AlgoCfg):
+class PackedCfg(AlgoCfg):
+    """Settings of the methods GPTQModel packs (rtn, gptq, awq), which may differ per module:
+    `dynamic` maps a regular expression over module names (GPTQModel's syntax) to the settings
+    that replace bits / group_size / sym there; a "-:" prefix leaves the matching modules in float.
+    E.g. {".*self_attn.*": {bits: 8}, "-:.*layers\\.0\\..*": {}}: attention at 8 bits, block 0 float."""
+
+    dynamic: dict = dataclasses.field(default_factory=dict)
+
+    overridable: typing.ClassVar[tuple[str, ...]] = ("bits", "group_size", "sym")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p: list[str] = []
+        if not isinstance(self.dynamic, Mapping):
+            raise_problems([f"algo.dynamic={self.dynamic!r}: expected a mapping of module pattern -> settings"])
+        for pattern, settings in self.dynamic.items():
+            at = f"algo.dynamic[{pattern!r}]"
+            try:
+                re.compile(str(pattern).removeprefix("+:").removeprefix("-:"))
+            except re.error as e:
+                p.append(f"{at}: not a regular expression ({e})")
+            if not isinstance(settings, Mapping):
+                p.append(f"{at}={settings!r}: expected a mapping of {', '.join(self.overridable)}")
+                continue
+            if str(pattern).startswith("-:") and settings:
+                p.append(f"{at}: a '-:' pattern leaves its modules in float; give it no settings ({{}})")
+            for key in set(settings) - set(self.overridable):
+                p.append(f"{at}.{key}: cannot differ per module (allowed: {', '.join(self.overridable)})")
+            try:
+                dataclasses.replace(self, dynamic={}, **{k: v for k, v in settings.items() if k in self.overridable})
+            except ConfigError as e:
+                p.append(f"{at}: {e}")
+        raise_problems(p)
+
+
+@dataclass
+class RTNCfg(PackedCfg):
     """Round-to-nearest settings (conf/algo/rtn.yaml): no calibration."""
 
     allowed_bits: typing.ClassVar[tuple[int, ...]] = (4, 8)
 
 
 @dataclass
-class GPTQCfg(AlgoCfg):
+class GPTQCfg(PackedCfg):
     """GPTQ settings (conf/algo/gptq.yaml)."""
 
     desc_act: bool = False  # act-order: better accuracy, slower kernels on some backends
@@ -204,7 +245,7 @@ class GPTQCfg(AlgoCfg):
 
 
 @dataclass
-class AWQCfg(AlgoCfg):
+class AWQCfg(PackedCfg):
     """AWQ settings (conf/algo/awq.yaml)."""
 
     duo_scaling: bool = True  # s from activation and weight statistics (AWQ paper); false: activations only
@@ -310,6 +351,39 @@ class GGUFCfg(AlgoCfg):
         return f"{self.name} {self.type}"
 
 
+@dataclass
+class TorchAOCfg(AlgoCfg):
+    """torchao settings (conf/algo/int8-dynamic.yaml, fp8.yaml): 8-bit weights with one scale per
+    output row (int8-dynamic: symmetric int8; fp8: float8 e4m3). int8-dynamic also quantizes each
+    activation row to int8 on the fly at every matmul; fp8 does the same in float8 with
+    `activations: dynamic`, which needs a GPU with float8 matmuls (compute capability 8.9+), and
+    keeps activations in the model's dtype with `none`."""
+
+    bits: int = 8
+    group_size: int = -1  # one scale per output row
+    sym: bool = True
+    activations: str = "dynamic"
+
+    allowed_bits: typing.ClassVar[tuple[int, ...]] = (8,)
+    activation_modes: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "int8-dynamic": ("dynamic",),
+        "fp8": ("none", "dynamic"),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p: list[str] = []
+        require(p, self.group_size == -1, f"algo.group_size={self.group_size}: {self.name} scales per row; use -1")
+        require(p, self.sym, f"algo.sym=false: {self.name} weights are symmetric (no zero point); use true")
+        modes = self.activation_modes[self.name]
+        require(
+            p,
+            self.activations in modes,
+            f"algo.activations={self.activations!r}: allowed for {self.name}: {', '.join(modes)}",
+        )
+        raise_problems(p)
+
+
 # algo.name -> its settings; quantize/__init__.py maps the same names to their implementations
 ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {
     "rtn": RTNCfg,
@@ -319,6 +393,8 @@ ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {
     "fp4": BnB4bitCfg,
     "int8-bnb": BnBInt8Cfg,
     "gguf": GGUFCfg,
+    "int8-dynamic": TorchAOCfg,
+    "fp8": TorchAOCfg,
 }
 
 
@@ -587,6 +663,8 @@ def _check_qalora(algo: AlgoCfg, qlora: QLoRACfg, problems: list[str]) -> None:
         problems.append(f"{prefix} group_size=-1: QA-LoRA pools over quantization groups; set algo.group_size")
     elif getattr(algo, "desc_act", False):
         problems.append(f"{prefix} desc_act=true: act-order groups are not contiguous; set algo.desc_act=false")
+    elif getattr(algo, "dynamic", None):
+        problems.append(f"{prefix} and algo.dynamic: QA-LoRA pools over one group layout for every layer")
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

@@ -12,6 +12,7 @@ import torch
 
 from quantorder.config import AlgoCfg
 from quantorder.models import load_float, model_config
+from quantorder.quantize.ao import FP8Quantizer, Int8DynamicQuantizer
 from quantorder.quantize.awq import AWQQuantizer
 from quantorder.quantize.base import Quantizer
 from quantorder.quantize.bnb import FP4Quantizer, Int8Quantizer, NF4Quantizer
@@ -21,7 +22,17 @@ from quantorder.quantize.rtn import RTNQuantizer
 
 ALGORITHMS: dict[str, type[Quantizer]] = {
     q.name: q
-    for q in (RTNQuantizer, GPTQQuantizer, AWQQuantizer, NF4Quantizer, FP4Quantizer, Int8Quantizer, GGUFQuantizer)
+    for q in (
+        RTNQuantizer,
+        GPTQQuantizer,
+        AWQQuantizer,
+        NF4Quantizer,
+        FP4Quantizer,
+        Int8Quantizer,
+        GGUFQuantizer,
+        Int8DynamicQuantizer,
+        FP8Quantizer,
+    )
 }
 
 

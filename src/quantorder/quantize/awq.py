@@ -112,7 +112,11 @@ class AWQQuantizer(GPTQModelQuantizer):
 
         c = self.cfg
         return AWQConfig(
-            bits=c.bits, group_size=c.group_size, sym=c.sym, scale_search_chunked_activations=c.chunked_search
+            bits=c.bits,
+            group_size=c.group_size,
+            sym=c.sym,
+            scale_search_chunked_activations=c.chunked_search,
+            dynamic=c.dynamic or None,
         )
 
     def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:

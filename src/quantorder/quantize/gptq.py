@@ -39,4 +39,5 @@ class GPTQQuantizer(GPTQModelQuantizer):
             damp_percent=c.damp_percent,
             static_groups=c.static_groups,
             true_sequential=c.true_sequential,
+            dynamic=c.dynamic or None,
         )

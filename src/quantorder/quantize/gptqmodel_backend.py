@@ -83,6 +83,27 @@ def kernel_config(qcfg: dict, device: torch.device, training: bool):
     return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" else "torch")
 
 
+def load_mixed(
+    model_dir: Path, qcfg: dict, dtype: torch.dtype, device: torch.device, training: bool
+) -> torch.nn.Module:
+    """A checkpoint with per-module settings (`dynamic`), through GPTQModel's own loader: the one
+    transformers uses (optimum's) builds every layer with the checkpoint's default bits. The same
+    kernels as `kernel_config` picks; GPTQModel's torch kernel computes in half precision only, so
+    a float32 request loads in bf16 there."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    if device.type == "cuda":
+        backend = BACKEND.MARLIN if not training and qcfg.get("sym", True) else BACKEND.TRITON
+    else:
+        backend, dtype = BACKEND.TORCH, torch.bfloat16 if dtype == torch.float32 else dtype
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        captured_output(Path(scratch) / "load.log"),
+        contextlib.chdir(scratch),
+    ):
+        return GPTQModel.load(str(model_dir.resolve()), backend=backend, device=str(device), dtype=dtype).model
+
+
 class GPTQModelQuantizer(Quantizer):
     """Quantizes with GPTQModel; loads, dequantizes and accounts for its packed checkpoints."""
 
@@ -92,6 +113,14 @@ class GPTQModelQuantizer(Quantizer):
     @abstractmethod
     def backend_config(self) -> Any:
         """The GPTQModel quantization config for `self.cfg`."""
+
+    def unsupported_variants(self) -> dict[str, str]:
+        if self.cfg.dynamic:
+            return {
+                "qat_merge_q": "quantization-aware training rounds every layer on one grid; per-module "
+                "settings (algo.dynamic) have none to train against"
+            }
+        return {}
 
     def compute_dtype(self, dtype: str) -> str:
         """The dtype the model is loaded in for quantizing, given the model config's dtype."""
@@ -146,6 +175,8 @@ class GPTQModelQuantizer(Quantizer):
             # GPTQModel's AWQ kernels compute in half precision (float32 inputs silently in fp16,
             # which overflows on outlier activations): use bf16, the dtype AWQ quantized in.
             torch_type = torch.bfloat16
+        if qcfg.get("dynamic"):
+            return load_mixed(model_dir, qcfg, torch_type, device, training)
         config = kernel_config(qcfg, device, training)
         return load_pretrained(
             model_dir, dtype=torch_type, quantization_config=config, device_map={"": str(device)}

@@ -26,4 +26,5 @@ class RTNQuantizer(GPTQModelQuantizer):
     def backend_config(self) -> Any:
         from gptqmodel.quantization import RTNConfig
 
-        return RTNConfig(bits=self.cfg.bits, group_size=self.cfg.group_size, sym=self.cfg.sym, desc_act=False)
+        c = self.cfg
+        return RTNConfig(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=False, dynamic=c.dynamic or None)
