@@ -35,8 +35,8 @@ from pathlib import Path
 
 ROOTS = [
     "transformers", "peft", "optimum", "accelerate", "gguf", "safetensors", "tokenizers", "dvc", "hydra-core",
-    "gptqmodel", "bitsandbytes", "threadpoolctl", "device-smi", "pypcre", "tokenicer", "logbar", "defuser", "dill",
-    "filelock",
+    "gptqmodel", "bitsandbytes", "torchao", "threadpoolctl", "device-smi", "pypcre", "tokenicer", "logbar", "defuser",
+    "dill", "filelock",
     "sympy",  # pinned: the embedded default's data and calibration text are built from its source
     "pytest",  # to run the GPU tests (pytest -m gpu) on the host
 ]  # fmt: skip

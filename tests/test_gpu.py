@@ -1,4 +1,5 @@
-"""On a CUDA GPU: GPTQ, AWQ and bitsandbytes (NF4, LLM.int8()) quantize there, load with the kernels
+"""On a CUDA GPU: GPTQ (also with per-module bits), AWQ, bitsandbytes (NF4, LLM.int8()) and torchao
+(INT8 dynamic, FP8) quantize there, load with the kernels
 a GPU host serves with (GPTQModel's Marlin for inference, Triton / torch for training;
 bitsandbytes' CUDA kernels), agree with the same checkpoint evaluated on the CPU, train LoRA and
 merge as on the CPU; quantization-aware LoRA rounds on the same grid as on the CPU and trains.
@@ -9,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantorder.config import AWQCfg, BnB4bitCfg, BnBInt8Cfg, GPTQCfg
+from quantorder.config import AWQCfg, BnB4bitCfg, BnBInt8Cfg, GPTQCfg, TorchAOCfg
 from quantorder.merge import merge_adapter
 from quantorder.models import load_tokenizer
 from quantorder.quantize import load_model
+from quantorder.quantize.ao import FP8Quantizer, Int8DynamicQuantizer, fp8_matmul_available
 from quantorder.quantize.awq import AWQQuantizer
 from quantorder.quantize.bnb import Int8Quantizer, NF4Quantizer
 from quantorder.quantize.gptq import GPTQQuantizer
@@ -30,6 +32,9 @@ QUANTIZERS = {
     "awq": AWQQuantizer(AWQCfg(name="awq", group_size=32)),
     "nf4": NF4Quantizer(BnB4bitCfg(name="nf4", group_size=32)),
     "int8-bnb": Int8Quantizer(BnBInt8Cfg(name="int8-bnb")),
+    "gptq-mixed": GPTQQuantizer(GPTQCfg(name="gptq", group_size=32, sym=True, dynamic={".*self_attn.*": {"bits": 8}})),
+    "int8-dynamic": Int8DynamicQuantizer(TorchAOCfg(name="int8-dynamic")),
+    "fp8": FP8Quantizer(TorchAOCfg(name="fp8", activations="none")),
 }
 KERNELS = {
     "gptq-sym": "MarlinLinear",
@@ -37,6 +42,9 @@ KERNELS = {
     "awq": "AwqMarlinLinear",
     "nf4": "Linear4bit",
     "int8-bnb": "Linear8bitLt",
+    "gptq-mixed": "MarlinLinear",
+    "int8-dynamic": "Int8Tensor",  # torchao: a plain Linear whose weight is its tensor subclass
+    "fp8": "Float8Tensor",
 }
 
 
@@ -51,7 +59,8 @@ def test_gpu_kernels_match_cpu_evaluation_of_the_same_checkpoint(gpu_quantized):
     name, model_dir = gpu_quantized
     x = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
     gpu = load_model(model_dir, "bfloat16", CUDA)
-    assert type(gpu.model.layers[0].self_attn.q_proj).__name__ == KERNELS[name]
+    layer = gpu.model.layers[0].self_attn.q_proj
+    assert KERNELS[name] in (type(layer).__name__, type(getattr(layer, "weight", None)).__name__)
     with torch.no_grad():
         on_gpu = gpu(input_ids=x.to(CUDA)).logits.float().cpu()
         on_cpu = load_model(model_dir, "bfloat16", CPU)(input_ids=x).logits.float()
@@ -84,7 +93,7 @@ def test_merging_on_the_gpu_equals_merging_on_the_cpu(gpu_quantized, adapter_dir
         assert torch.linalg.norm(got - expected.float()) <= 1e-2 * torch.linalg.norm(expected.float()), key
 
 
-@pytest.mark.parametrize("name", ["gptq", "nf4", "int8-bnb"])
+@pytest.mark.parametrize("name", ["gptq", "nf4", "int8-bnb", "int8-dynamic", "fp8"])
 def test_qat_round_trip_on_the_gpu_equals_the_cpu_and_trains(name, tiny_dir, qa_rows, tmp_path):
     """The QAT grid is the same on both devices, and LoRA trains against it on the GPU."""
     from quantorder.config import FinetuneCfg
@@ -95,9 +104,12 @@ def test_qat_round_trip_on_the_gpu_equals_the_cpu_and_trains(name, tiny_dir, qa_
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     on_gpu, on_cpu = quantizer.round_trip(weight.to(CUDA)).cpu(), quantizer.round_trip(weight)
     off = (on_gpu - on_cpu).abs() > 1e-6
-    # bitsandbytes' CUDA and CPU int8 kernels round a weight within float error of a half step
-    # differently (measured on an H200: 1 of these 8192, by one step); the other grids agree exactly
-    assert off.sum() <= (1 if name == "int8-bnb" else 0), (on_gpu - on_cpu).abs().max()
+    # the int8 kernels of bitsandbytes and torchao round a weight within float error of a half step
+    # differently on CUDA and CPU (measured on an H200: 1 and 15 of these 8192), by one step; the
+    # other grids agree exactly
+    assert off.sum() <= {"int8-bnb": 1, "int8-dynamic": 32}.get(name, 0), (on_gpu - on_cpu).abs().max()
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    assert ((on_gpu - on_cpu).abs() <= step * 1.01).all()
     cfg = FinetuneCfg(r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=20, warmup_steps=1, max_seq_len=64, log_every=10)
     tok = load_tokenizer(tiny_dir)
     train = setup_data(tok, qa_rows[:8], TEMPLATE, cfg.max_seq_len)
@@ -151,3 +163,18 @@ def test_qalora_trains_on_gptq_gpu_kernels_and_merges_as_it_computes(tiny_dir, q
         trained = model.eval()(input_ids=x).logits.float()
         merged = merge_adapter(base, tmp_path / "adapter", "float32", CUDA)(input_ids=x).logits.float()
     assert (torch.linalg.norm(merged - trained) / torch.linalg.norm(trained)).item() < 2e-2  # bf16 kernels vs float32
+
+
+@pytest.mark.skipif(not fp8_matmul_available(), reason="float8 activations need compute capability 8.9+")
+def test_fp8_with_float8_activations_runs_on_float8_matmuls(tiny_dir, tmp_path):
+    """FP8 weights with float8 activations (a GPU-only checkpoint): close to the weight-only FP8 model,
+    and its layers quantize activations at run time."""
+    FP8Quantizer(TorchAOCfg(name="fp8", activations="dynamic")).quantize(tiny_dir, None, tmp_path / "dyn", "bfloat16")
+    QUANTIZERS["fp8"].quantize(tiny_dir, None, tmp_path / "weights", "bfloat16")
+    x = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    dynamic = load_model(tmp_path / "dyn", "bfloat16", CUDA)
+    assert dynamic.model.layers[0].mlp.up_proj.weight.act_quant_kwargs is not None
+    with torch.no_grad():
+        a = dynamic(input_ids=x).logits.float()
+        b = load_model(tmp_path / "weights", "bfloat16", CUDA)(input_ids=x).logits.float()
+    assert (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item() < 5e-2  # e4m3 activations: 3 mantissa bits

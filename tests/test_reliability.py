@@ -9,7 +9,7 @@ resumed fine-tune: the same adapter weights and loss curve, which fix every numb
 Each copy lives in another directory, so the same tests show that one config and seed give the same
 numbers: each stage that makes a model or numbers (finetune, merge, quantize, evaluate of a quantized
 model) runs again from nothing there and reproduces its outputs byte for byte (prepare's own
-determinism: tests/test_data.py).
+determinism: tests/test_data.py; an evaluation's atomic write: tests/test_bad_input.py).
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ def _into_stage(log: Path, stage: str, seconds: float = 1.0):
     [
         ("merge@ft", "models/merged/ft"),
         ("quantize@ft_merge_q", "models/quantized/ft_merge_q"),
-        ("evaluate@ft_merge_q", "metrics/eval/ft_merge_q.json"),
     ],
 )
 def test_killed_stage_reruns_to_the_same_numbers(clean, stage, out, tmp_path):

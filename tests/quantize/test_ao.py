@@ -86,6 +86,8 @@ def test_lora_trains_on_the_quantized_base_and_leaves_it_frozen(quantized, qa_ro
     model = setup_model(load_model(out, "float32", CPU, training=True), cfg, 0)
     before = mean_loss(model, train, tok.pad_token_id, 4, CPU)
     layers = {n: m for n, m in model.named_modules() if TorchAOQuantizer.is_quantized_linear(m)}
+    # training computes with the same weights and unrounded activations (exact input gradients)
+    assert all(m.weight.act_quant_kwargs is None for m in layers.values())
     frozen = {n: TorchAOQuantizer.linear_weight(m).clone() for n, m in layers.items()}
     result = train_loop(model, train, train, cfg, tok.pad_token_id, 0, tmp_path / "log.jsonl")
     assert result.val_loss < before - 0.5  # gradients reach the adapter through torchao's layers

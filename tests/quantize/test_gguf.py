@@ -205,16 +205,9 @@ def test_dequantized_model_is_the_evaluated_one(q4km_dir):
         assert torch.equal(a, b), name
 
 
-def test_q8_0_is_near_lossless_and_smaller_than_q4_k_m_is_not(tmp_path, llama_dir, q4km_dir):
+def test_the_configured_type_is_the_files_type(tmp_path, llama_dir):
+    """algo.type reaches llama-quantize: Q8_0 stores every projection as Q8_0 (norms stay F32)."""
     GGUFQuantizer(GGUFCfg(name="gguf", type="Q8_0")).quantize(llama_dir, None, tmp_path, "float32")
-    floats = dict(load_model(llama_dir, "float32", CPU).named_parameters())
-
-    def error(model_dir) -> float:
-        model = load_model(model_dir, "float32", CPU)
-        layers = [(n, m) for n, m in model.named_modules() if GGUFQuantizer.is_quantized_linear(m)]
-        return max(((m.weight - floats[f"{n}.weight"]).norm() / floats[f"{n}.weight"].norm()).item() for n, m in layers)
-
-    assert error(tmp_path) < 0.01 < error(q4km_dir) < 0.1
     assert {t for t, _ in tensor_types(tmp_path / GGUF_FILE).values()} == {"Q8_0", "F32"}
 
 

@@ -78,9 +78,16 @@ class TorchAOQuantizer(Quantizer):
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
-        """Through transformers, which rebuilds torchao's tensors from the checkpoint; the same layers
-        serve evaluation and training (PEFT wraps them; gradients reach the adapter)."""
-        return load_pretrained(model_dir, dtype=torch_dtype(dtype), device_map={"": str(device)})
+        """Through transformers, which rebuilds torchao's tensors from the checkpoint. For training
+        (PEFT wraps the layers) the same weights compute without activation quantization: float8
+        matmuls have no backward, and rounding the activations would zero the gradient that reaches
+        the adapters of earlier layers."""
+        model = load_pretrained(model_dir, dtype=torch_dtype(dtype), device_map={"": str(device)})
+        if training:
+            for module in model.modules():
+                if cls.is_quantized_linear(module):
+                    module.weight.act_quant_kwargs = None
+        return model
 
     @classmethod
     def is_quantized_linear(cls, module: torch.nn.Module) -> bool:
