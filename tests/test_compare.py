@@ -211,3 +211,28 @@ def test_pareto_front_reads_the_serving_runtimes_speed_and_is_in_the_table(tmp_p
     table = files[1].read_text()
     assert "## Pareto front: quality, size, speed" in table
     assert "| gptq 4-bit g64 | `ft_q` | +17.14% | [+16.64%, +17.64%] | 25.0 | 3000 (llama.cpp) |" in table
+
+
+def test_bit_sweep_draws_a_line_per_ordering_across_widths(tmp_path):
+    """rtn at 2, 3, 4 and 8 bits (one seed each): per ordering, the gap to ft by stored bits per weight."""
+    revs = []
+    for bits, gap in ((2, 3.0), (3, 0.6), (4, 0.2), (8, 0.01)):
+        ppl = {v: 7.0 * (1 + gap) if v != "ft" else 7.0 for v in VARIANTS}
+        ppl["q_ft"] = 7.0 * (1 + gap / 2)  # the ordering effect grows as the bits fall
+        rev = _rev(f"b{bits}", "rtn 4-bit g64", 0, ppl=ppl, bits=bits)
+        linear_bits = {v: bits + 0.5 for v in VARIANTS if v not in ("base", "ft", "q_ft_fmerge")}
+        rev["data"]["metrics"]["metrics/summary.json"]["data"] |= {
+            "size_mib": {v: 10.0 * bits for v in VARIANTS},
+            "eval_tokens_per_s": {v: 100.0 for v in VARIANTS},
+            "linear_bits_per_weight": linear_bits,
+        }
+        revs.append(rev)
+    data, files = write(from_exp_show(_show(*revs)), tmp_path)
+    sweep = data["bit_sweep"]
+    assert list(sweep) == ["rtn g64"]  # one config, four widths
+    assert [b for b, _ in sweep["rtn g64"]["q_ft"]] == [2.5, 3.5, 4.5, 8.5]
+    assert [round(g, 1) for _, g in sweep["rtn g64"]["q_ft"]] == [150.0, 30.0, 10.0, 0.5]
+    assert [round(g, 1) for _, g in sweep["rtn g64"]["ft_q"]] == [300.0, 60.0, 20.0, 1.0]
+    assert "q_ft_fmerge" not in sweep["rtn g64"]  # a float variant has no bits
+    assert files[-1].name == "bits.png" and files[-1].stat().st_size > 10_000
+    assert "![gap to ft against bits per weight](bits.png)" in files[1].read_text()

@@ -96,7 +96,7 @@ def _mutated(default_params: dict, path: str, value) -> dict:
 @pytest.mark.parametrize(
     "path,value,message",
     [
-        ("algo.bits", 5, r"algo.bits=5: allowed for rtn: 4, 8"),
+        ("algo.bits", 5, r"algo.bits=5: allowed for rtn: 2, 3, 4, 8"),
         ("algo.group_size", 0, r"algo.group_size=0: must be -1 or a power of two"),
         ("algo.group_size", 48, r"algo.group_size=48"),
         (

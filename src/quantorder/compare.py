@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 from collections import defaultdict
@@ -53,6 +54,7 @@ class Cost:
     tokens_per_s: float  # scoring throughput in `runtime` on the machine that evaluated it
     runtime: str
     gap_ci95_pct: tuple[float, float] | None
+    linear_bits: float | None  # stored bits per weight of the quantized linear layers; None: float
 
 
 def _costs(summary: dict) -> dict[str, Cost]:
@@ -65,6 +67,7 @@ def _costs(summary: dict) -> dict[str, Cost]:
             served[v]["eval_tokens_per_s"] if v in served else summary["eval_tokens_per_s"][v],
             served[v]["runtime"] if v in served else "transformers",
             tuple(intervals[v]) if v in intervals else (0.0, 0.0) if v == TARGET else None,
+            (summary.get("linear_bits_per_weight") or {}).get(v),
         )
         for v, size in (summary.get("size_mib") or {}).items()
         if v in (summary.get("eval_tokens_per_s") or {})
@@ -391,6 +394,47 @@ def _pareto_table(front: dict[str, list]) -> str:
     )
 
 
+def bit_sweep(cells: dict[str, dict[str, Cell]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """The lines of the bit-width chart: per algorithm config less its bit width (e.g. "rtn g64"),
+    per quantized variant, (stored bits per linear weight, mean gap to ft in %) of each width, by
+    bits; only configs measured at two widths or more."""
+    lines: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for algo, row in cells.items():
+        config = re.sub(r" \d+-bit", "", algo)
+        for v in QUANTIZED_VARIANTS:
+            bits = [k.linear_bits for k in row[v].costs if k.linear_bits] if v in row else []
+            if bits:
+                lines[config][v].append((statistics.fmean(bits), statistics.fmean(row[v].gap_pct)))
+    return {
+        config: {v: sorted(points) for v, points in per_variant.items()}
+        for config, per_variant in lines.items()
+        if len({round(b) for points in per_variant.values() for b, _ in points}) > 1
+    }
+
+
+def bits_chart(sweep: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
+    """Gap to ft against stored bits per weight, a panel per algorithm config, a line per ordering."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweep), figsize=(5 * len(sweep), 4), dpi=120, squeeze=False)
+    for ax, (config, per_variant) in zip(axes[0], sweep.items(), strict=True):
+        for v, points in per_variant.items():
+            ax.plot(*zip(*points, strict=True), marker="o", label=v)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("stored bits per linear weight")
+        ax.set_ylabel("gap to ft, % (symlog)")
+        ax.set_title(config)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def chart(cells: dict[str, dict[str, Cell]], path: Path) -> None:
     """The Olive study's chart for every algorithm: the deliverables as bars grouped by variant, one
     bar per algorithm (seed mean, sd as error bar); `base` and `ft` as horizontal lines."""
@@ -441,9 +485,15 @@ def write(experiments: list[Experiment], out_dir: Path) -> tuple[dict, list[Path
         "pareto": pareto(cells),
         "verdict": verdict(cells, wins),
     }
+    sweep = bit_sweep(cells)
+    data["bit_sweep"] = sweep
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "grid.json", out_dir / "grid.md", out_dir / "grid.png"]
     write_text(files[0], json.dumps(data, indent=2) + "\n")
-    write_text(files[1], markdown(cells, wins))
+    bits_figure = "\n![gap to ft against bits per weight](bits.png)\n" if sweep else ""
+    write_text(files[1], markdown(cells, wins) + bits_figure)
     chart(cells, files[2])
+    if sweep:
+        files.append(out_dir / "bits.png")
+        bits_chart(sweep, files[-1])
     return data, files

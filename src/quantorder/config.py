@@ -225,8 +225,6 @@ class PackedCfg(AlgoCfg):
 class RTNCfg(PackedCfg):
     """Round-to-nearest settings (conf/algo/rtn.yaml): no calibration."""
 
-    allowed_bits: typing.ClassVar[tuple[int, ...]] = (4, 8)
-
 
 @dataclass
 class GPTQCfg(PackedCfg):

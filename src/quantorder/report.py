@@ -54,6 +54,9 @@ def summarize(all_metrics: dict[str, dict], algo_label: str, algo_digest: str, i
         "gap_to_ft_significant": {v: i["excludes_zero"] for v, i in intervals.items()},
         "size_mib": {v: round(m["size_bytes"] / 2**20, 3) for v, m in metrics.items()},
         "bits_per_param": {v: round(m["bits_per_param"], 3) for v, m in metrics.items()},
+        "linear_bits_per_weight": {
+            v: round(m["linear_bits_per_weight"], 3) for v, m in metrics.items() if m.get("linear_bits_per_weight")
+        },
         "eval_tokens_per_s": {v: round(m["eval_tokens_per_s"], 1) for v, m in metrics.items()},
         "peak_mem_mib": {v: round(m["peak_mem_bytes"] / 2**20, 1) for v, m in metrics.items()},
         # share of the merged LoRA update that survives requantization (1: all of it)

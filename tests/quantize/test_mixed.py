@@ -44,7 +44,7 @@ def test_attention_at_8_bits_and_a_float_layer_read_back_from_the_checkpoint(tin
 @pytest.mark.parametrize(
     "dynamic,message",
     [
-        ({".*mlp.*": {"bits": 5}}, r"algo.dynamic\['.\*mlp.\*'\]: algo.bits=5: allowed for rtn: 4, 8"),
+        ({".*mlp.*": {"bits": 5}}, r"algo.dynamic\['.\*mlp.\*'\]: algo.bits=5: allowed for rtn: 2, 3, 4, 8"),
         ({".*mlp.*": {"desc_act": True}}, r"algo.dynamic\['.\*mlp.\*'\].desc_act: cannot differ per module"),
         ({"-:.*mlp.*": {"bits": 8}}, r"a '-:' pattern leaves its modules in float; give it no settings"),
         ({".*mlp[": {"bits": 8}}, r"algo.dynamic\['.\*mlp\['\]: not a regular expression"),

@@ -14,6 +14,8 @@ CONFIGS = {
     "rtn": RTNCfg(name="rtn", group_size=32),
     "rtn-sym": RTNCfg(name="rtn", group_size=32, sym=True),
     "rtn-8bit-rows": RTNCfg(name="rtn", bits=8, group_size=-1),
+    "rtn-3bit": RTNCfg(name="rtn", bits=3, group_size=32),
+    "rtn-2bit": RTNCfg(name="rtn", bits=2, group_size=32, sym=True),
     "nf4": BnB4bitCfg(name="nf4", group_size=64, compute_dtype="float32"),
     "fp4": BnB4bitCfg(name="fp4", group_size=128, double_quant=False, compute_dtype="float32"),
     "int8-bnb": BnBInt8Cfg(name="int8-bnb"),

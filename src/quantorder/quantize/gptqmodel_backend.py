@@ -68,19 +68,25 @@ def drop_scratch_path(out_dir: Path) -> None:
 def kernel_config(qcfg: dict, device: torch.device, training: bool):
     """The transformers config that loads an int-packed checkpoint with the right GPTQModel kernel.
 
-    CUDA: Marlin for inference (GPTQ's only where symmetric), else GPTQModel's Triton kernel for
+    CUDA: Marlin for inference (GPTQ's only where symmetric; 4 and 8 bits), else GPTQModel's Triton kernel for
     GPTQ and its torch kernel for AWQ (whose Triton kernel is fp16-only); all train. CPU: the torch
     kernels. GPTQModel's own CUDA default (Machete) JIT-builds from downloaded sources and fails
     offline, so the choice is always explicit.
     """
     from transformers import AwqConfig, GPTQConfig
 
-    marlin = device.type == "cuda" and not training
+    marlin = device.type == "cuda" and not training and _marlin_bits(qcfg)
     if qcfg.get("quant_method") == "awq":
         return AwqConfig(bits=qcfg["bits"], backend="marlin" if marlin else "torch_awq")
     if marlin and qcfg.get("sym", True):
         return GPTQConfig(bits=qcfg["bits"], backend="marlin")
     return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" else "torch")
+
+
+def _marlin_bits(qcfg: dict) -> bool:
+    """Whether every layer of a checkpoint has bits Marlin computes with (4 or 8)."""
+    overrides = [o.get("bits", qcfg["bits"]) for o in (qcfg.get("dynamic") or {}).values()]
+    return all(b in (4, 8) for b in [qcfg["bits"], *overrides])
 
 
 def load_mixed(
@@ -93,7 +99,7 @@ def load_mixed(
     from gptqmodel import BACKEND, GPTQModel
 
     if device.type == "cuda":
-        backend = BACKEND.MARLIN if not training and qcfg.get("sym", True) else BACKEND.TRITON
+        backend = BACKEND.MARLIN if not training and qcfg.get("sym", True) and _marlin_bits(qcfg) else BACKEND.TRITON
     else:
         backend, dtype = BACKEND.TORCH, torch.bfloat16 if dtype == torch.float32 else dtype
     with (

@@ -2,7 +2,7 @@
 
 Sample config (conf/algo/rtn.yaml):
     name: rtn
-    bits: 4          # 4 or 8
+    bits: 4          # 2, 3, 4 or 8
     group_size: 128
     sym: false       # asymmetric: a zero point per group
 Each weight becomes scale * (q - zero) with q in [0, 2^bits - 1]; scale and zero are chosen per
