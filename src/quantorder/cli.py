@@ -75,6 +75,7 @@ def ui(host: str, port: int, experiment_run: str | None) -> None:
         return
     print(f"open http://{host}:{port}{page}  (Ctrl-C stops the UI)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd += ["--workers", "1"]  # one person's browser: mlflow's default of 4 processes only costs start-up
     with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(cmd, check=False)
 

@@ -66,6 +66,12 @@ def q4km_adapter(tmp_path_factory, q4km_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def q4km_model(q4km_dir):
+    """The evaluator's model of the Q4_K_M checkpoint, loaded once for the tests that only read it."""
+    return load_model(q4km_dir, "float32", CPU)
+
+
 def _nll(logits: np.ndarray, ids: list[int]) -> float:
     logits = logits.astype(np.float64)
     top = logits.max(1, keepdims=True)
@@ -73,7 +79,7 @@ def _nll(logits: np.ndarray, ids: list[int]) -> float:
     return float(np.mean(lse[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]))
 
 
-def test_transformers_reads_the_weights_llama_cpp_computes_with(q4km_dir, llama_dir):
+def test_transformers_reads_the_weights_llama_cpp_computes_with(q4km_dir, q4km_model, llama_dir):
     """The evaluator's model (transformers, GGUF dequantized) and llama.cpp give the same logits on
     the same tokens: max difference 0.012 measured here (llama.cpp rounds activations to f16 / q8),
     negative log-likelihood within 1e-4 relative."""
@@ -81,9 +87,8 @@ def test_transformers_reads_the_weights_llama_cpp_computes_with(q4km_dir, llama_
 
     assert method_of(q4km_dir) is GGUFQuantizer
     ids = AutoTokenizer.from_pretrained(llama_dir)("def area(r):\n    return sympy.pi * r**2\n" * 4)["input_ids"]
-    model = load_model(q4km_dir, "float32", CPU)
     with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].numpy()
+        ours = q4km_model(torch.tensor([ids])).logits[0].numpy()
     theirs = runtime.logits(q4km_dir / GGUF_FILE, ids, threads=2)
     assert np.abs(ours - theirs).max() < 0.03
     assert _nll(ours, ids) == pytest.approx(_nll(theirs, ids), rel=1e-4)
@@ -98,14 +103,16 @@ PPL_RTOL = 1e-3
 
 
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["gguf", "gguf+lora"])
-def test_llama_cpp_scores_the_evaluators_perplexity_on_the_same_tokens(q4km_dir, q4km_adapter, qa_rows, with_adapter):
+def test_llama_cpp_scores_the_evaluators_perplexity_on_the_same_tokens(
+    q4km_dir, q4km_model, q4km_adapter, qa_rows, with_adapter
+):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     adapter = q4km_adapter if with_adapter else None
     cfg, rows = EvalCfg(max_seq_len=96, batch_size=4), qa_rows[:8]
-    model = load_model(q4km_dir, "float32", CPU)
-    model = PeftModel.from_pretrained(model, adapter) if adapter else model
+    # PEFT wraps the layers of the model it is given: the adapter gets a fresh load
+    model = PeftModel.from_pretrained(load_model(q4km_dir, "float32", CPU), adapter) if adapter else q4km_model
     tokenizer = AutoTokenizer.from_pretrained(q4km_dir)
     ours = perplexity(model, tokenizer, rows, TEMPLATE, cfg)
     examples = examples_of(tokenizer, rows, TEMPLATE, cfg)
@@ -181,7 +188,7 @@ def test_variants_benchmark_decodes_in_llama_cpp_beside_transformers(gguf_projec
     assert "llama.cpp tok/s b1 (vs base 16-bit)" in out.with_suffix(".md").read_text()
 
 
-def test_the_checkpoint_records_llama_cpps_own_type_mix_and_bits(q4km_dir):
+def test_the_checkpoint_records_llama_cpps_own_type_mix_and_bits(q4km_dir, q4km_model):
     types = tensor_types(q4km_dir / GGUF_FILE)
     provenance = json.loads((q4km_dir / "config.json").read_text())["quantization_config"]
     assert provenance == {"quant_method": "gguf", "type": "Q4_K_M", "gguf_file": GGUF_FILE}
@@ -189,7 +196,7 @@ def test_the_checkpoint_records_llama_cpps_own_type_mix_and_bits(q4km_dir):
     # attn_v / ffn_down, a legacy fallback for the 128-wide inputs
     assert {"Q4_K", "Q6_K"} <= {t for t, _ in types.values()}
     assert types["blk.0.attn_q.weight"][0] in ("Q5_0", "Q4_0", "Q5_1", "Q8_0")
-    model = load_model(q4km_dir, "float32", CPU)
+    model = q4km_model
     layers = [m for m in model.modules() if GGUFQuantizer.is_quantized_linear(m)]
     assert len(layers) == 2 * 7  # every projection of both blocks; the tied embedding/head is not counted
     stored = sum(types[k][1] for k in types if k.startswith("blk.") and not k.endswith("norm.weight"))
@@ -198,10 +205,9 @@ def test_the_checkpoint_records_llama_cpps_own_type_mix_and_bits(q4km_dir):
     assert 4.5 < bits_per_weight(q4km_dir, model) < 8.5
 
 
-def test_dequantized_model_is_the_evaluated_one(q4km_dir):
-    model = load_model(q4km_dir, "float32", CPU)
+def test_dequantized_model_is_the_evaluated_one(q4km_dir, q4km_model):
     plain = load_dequantized(q4km_dir, "float32", CPU)
-    for (name, a), (_, b) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(q4km_model.named_parameters(), plain.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
