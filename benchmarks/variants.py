@@ -52,7 +52,13 @@ def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    return batch * new_tokens / max(median_seconds(new_tokens + 1) - median_seconds(1), 1e-9)
+    decoding = median_seconds(new_tokens + 1) - median_seconds(1)
+    if decoding <= 0:  # timing noise larger than the decoding itself: no rate to report
+        raise SystemExit(
+            f"error: decoding {new_tokens} tokens at batch {batch} took no measurable time beyond the noise "
+            f"of one token's run; raise --new-tokens or --repeats"
+        )
+    return batch * new_tokens / decoding
 
 
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
