@@ -74,16 +74,18 @@ def test_ordering_cost_benchmark_trains_every_ordering_from_the_same_start(tmp_p
 
 
 def test_decode_rate_leaves_out_the_prompt_and_refuses_a_rate_below_the_noise(monkeypatch):
-    import time
-
     import pytest
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from variants import decode_rate
+    import variants
 
-    # 60 ms of prompt and first token, then 5 ms per further token: 4 sequences x 8 tokens in 40 ms,
-    # 800 tokens/s (with the prompt counted it would read about 340)
-    rate = decode_rate(lambda n: time.sleep(0.060 + 0.005 * (n - 1)), batch=4, new_tokens=8, repeats=3)
-    assert 600 < rate < 1000
-    with pytest.raises(SystemExit, match="took no measurable time beyond the noise"):  # the 1-token run was slower
-        decode_rate(lambda n: time.sleep(0.010 if n == 1 else 0.005), batch=1, new_tokens=8, repeats=3)
+    clock = [0.0]  # a clock that only the fake generate() moves: exact timings
+    monkeypatch.setattr(variants.time, "perf_counter", lambda: clock[0])
+
+    def generate(n: int, prompt_s: float = 0.060, token_s: float = 0.005) -> None:
+        clock[0] += prompt_s + token_s * (n - 1)  # the prompt and first token, then each further token
+
+    # 4 sequences x 8 tokens in 40 ms: 800 tokens/s (with the prompt counted it would read 320)
+    assert variants.decode_rate(generate, batch=4, new_tokens=8, repeats=3) == pytest.approx(800)
+    with pytest.raises(SystemExit, match="took no measurable time beyond the noise"):  # decoding costs nothing
+        variants.decode_rate(lambda n: generate(n, token_s=0.0), batch=1, new_tokens=8, repeats=3)

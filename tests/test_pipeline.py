@@ -206,7 +206,7 @@ def test_stage_reports_user_errors_in_one_line(project):
 
 def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
     out = tmp_path / "variants.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "2", "--repeats", "2"]
+    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "8", "--repeats", "2"]
     cmd += ["--batch-sizes", "1", "2", "--variants", "q_ft"]  # an adapter on the quantized base
     run(cmd + ["--out", str(out)], project)
     results = json.loads(out.read_text())

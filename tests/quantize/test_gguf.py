@@ -175,7 +175,7 @@ def test_evaluate_records_the_perplexity_llama_cpp_computes(gguf_project):
 
 def test_variants_benchmark_decodes_in_llama_cpp_beside_transformers(gguf_project, tmp_path):
     out = tmp_path / "variants.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "4", "--repeats", "1"]
+    cmd = [sys.executable, str(ROOT / "benchmarks/variants.py"), "--new-tokens", "64", "--repeats", "3"]
     cmd += ["--batch-sizes", "1", "3", "--variants", "ft_q", "--out", str(out)]
     done = subprocess.run(cmd, cwd=gguf_project, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
