@@ -298,7 +298,7 @@ def _front_labels(front: list[dict]) -> str:
     return ", ".join(Point(**p).label for p in front)
 
 
-def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
+def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict], front: dict[str, list]) -> str:
     """One paragraph for a design review: which order and which algorithm win, and on what evidence."""
     lines = []
     for algo, w in wins["order"].items():
@@ -330,8 +330,8 @@ def verdict(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
         )
         holds = "in every shared seed" if w["every_seed"] else "but not in every shared seed"
         lines.append(f"For `{v}`, {w['best']} has the lowest perplexity ({w['mean_ppl']:.3f}; {others}), {holds}.")
-    if front := pareto(cells)["front"]:
-        lines.append(f"On the Pareto front of quality, size and speed: {_front_labels(front)}.")
+    if front["front"]:
+        lines.append(f"On the Pareto front of quality, size and speed: {_front_labels(front['front'])}.")
     return " ".join(lines)
 
 
@@ -352,7 +352,8 @@ def _merge_base(cells: dict[str, dict[str, Cell]], float_base: str, quantized_ba
     return f"Merge base, float (`{float_base}`) or dequantized (`{quantized_base}`): " + "; ".join(per_algo) + "."
 
 
-def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
+def markdown(cells: dict[str, dict[str, Cell]], summary: str, front: dict[str, list]) -> str:
+    """grid.md: the verdict (`summary`), the table of every algorithm x variant, the Pareto front."""
     header = (
         "| algorithm | variant | seeds | perplexity mean | sd | gap to ft | 95% CI across seeds |\n"
         "|---|---|---:|---:|---:|---:|---:|\n"
@@ -368,8 +369,8 @@ def markdown(cells: dict[str, dict[str, Cell]], wins: dict[str, dict]) -> str:
             gap = statistics.fmean(c.gap_pct)
             body += f"| {algo} | `{v}` | {len(c.seeds)} | {c.mean:.3f} | {c.sd:.3f} | {gap:+.2f}% | {interval} |\n"
     return (
-        f"# Quantize before or after fine-tuning?\n\n{verdict(cells, wins)}\n\n![grid](grid.png)\n\n{header}{body}"
-        + _pareto_table(pareto(cells))
+        f"# Quantize before or after fine-tuning?\n\n{summary}\n\n![grid](grid.png)\n\n{header}{body}"
+        + _pareto_table(front)
     )
 
 
@@ -471,7 +472,7 @@ def write(experiments: list[Experiment], out_dir: Path) -> tuple[dict, list[Path
     if not experiments:
         raise UserError("no finished experiment with metrics/summary.json; run `dvc exp run` first")
     cells = grid(experiments)
-    wins = winners(cells)
+    wins, front = winners(cells), pareto(cells)
     data = {
         "experiments": [e.name for e in experiments],
         "grid": {
@@ -482,8 +483,8 @@ def write(experiments: list[Experiment], out_dir: Path) -> tuple[dict, list[Path
             for algo, row in cells.items()
         },
         "winners": wins,
-        "pareto": pareto(cells),
-        "verdict": verdict(cells, wins),
+        "pareto": front,
+        "verdict": verdict(cells, wins, front),
     }
     sweep = bit_sweep(cells)
     data["bit_sweep"] = sweep
@@ -491,7 +492,7 @@ def write(experiments: list[Experiment], out_dir: Path) -> tuple[dict, list[Path
     files = [out_dir / "grid.json", out_dir / "grid.md", out_dir / "grid.png"]
     write_text(files[0], json.dumps(data, indent=2) + "\n")
     bits_figure = "\n![gap to ft against bits per weight](bits.png)\n" if sweep else ""
-    write_text(files[1], markdown(cells, wins) + bits_figure)
+    write_text(files[1], markdown(cells, data["verdict"], front) + bits_figure)
     chart(cells, files[2])
     if sweep:
         files.append(out_dir / "bits.png")
