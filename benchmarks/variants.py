@@ -2,20 +2,26 @@
 
 Reads the outputs of a finished pipeline (`dvc repro`) and measures each variant in a fresh
 process (so peak memory is its own), with ratios against `base` measured in the same run.
-Decoding runs in transformers' eager `generate` for every variant; where the experiment's format
-has a runtime of its own (GGUF: llama.cpp), every variant also decodes there, quantized ones from
-their checkpoint and float ones from a 16-bit conversion (the baseline in that runtime).
+Decoding runs in transformers' `generate` for every variant: eager with its default dynamic KV
+cache, and with `--compile` also the fastest path transformers has without a serving engine: a
+static KV cache and the decoding step compiled by torch.compile (CUDA graphs on a GPU). Where the
+experiment's format has a runtime of its own (GGUF: llama.cpp), every variant also decodes there,
+quantized ones from their checkpoint and float ones from a 16-bit conversion (the baseline in that
+runtime).
 
 Usage (from the project root, after `dvc repro`):
     python benchmarks/variants.py                       # writes benchmarks/results/variants-<device>.{json,md}
     python benchmarks/variants.py --batch-sizes 1 16 --new-tokens 64 --repeats 5
+    python benchmarks/variants.py --compile             # a GPU host: eager and compiled decoding side by side
     python benchmarks/variants.py --variants base_q q_ft   # a subset (base is always measured: the baseline)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig, StaticCache
 
 from quantorder.config import ANSWER_MARKER, load_config
 from quantorder.data import read_jsonl, render
@@ -42,7 +49,7 @@ def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
     prompt excluded: the median time of `new_tokens + 1` tokens less the median time of 1 token
     (the prompt's forward pass and the first token), as llama-bench's tg is kept apart from pp.
     Medians of `repeats` timed runs: small-batch decoding is bound by host overhead, which jitters."""
-    generate(2)  # warm-up
+    generate(4)  # warm-up: with torch.compile, the compiling, recording and first replay of a CUDA graph
 
     def median_seconds(n: int) -> float:
         times = []
@@ -61,18 +68,83 @@ def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
     return batch * new_tokens / decoding
 
 
-def decode_tokens_per_s(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
-    """`decode_rate` of transformers' eager `generate` on `batch` of `prompts`."""
+def generation(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, compiled: bool = False):
+    """`generate(n)`: greedy decoding of `n` new tokens for `batch` of `prompts`, returning the token ids,
+    in transformers' `generate`: eager with a dynamic KV cache (its default), or `compiled`: a static KV
+    cache sized for up to `new_tokens` + 1 tokens and the decoding step compiled by transformers' own
+    `CompileConfig` (torch.compile, mode reduce-overhead). Run a compiled one under `compile_any_format`."""
     tokenizer.padding_side = "left"
     enc = tokenizer([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True)
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    options = {}
+    if compiled:
+        cache = StaticCache(config=model.config, max_cache_len=enc["input_ids"].shape[1] + new_tokens + 1)
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers' switch to compile off accelerators too (a CPU
+        options = {"past_key_values": cache, "compile_config": compile_config}  # run checks the path, not its speed)
 
-    def generate(n: int) -> None:
-        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        if enc["input_ids"].is_cuda:
+    def generate(n: int) -> torch.Tensor:
+        if compiled:
+            cache.reset()  # in place: the CUDA graphs keep pointing at the same buffers
+        ids = model.generate(
+            **enc, **options, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        if ids.is_cuda:
             torch.cuda.synchronize()
+        return ids
 
-    return decode_rate(generate, batch, new_tokens, repeats)
+    return generate
+
+
+def decode_tokens_per_s(
+    model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int, compiled: bool = False
+) -> float:
+    """`decode_rate` of `generation`."""
+    generate = generation(model, tokenizer, prompts, batch, new_tokens, compiled)
+    with compile_any_format(model) if compiled else contextlib.nullcontext():
+        return decode_rate(generate, batch, new_tokens, repeats)
+
+
+@contextlib.contextmanager
+def compile_any_format(model):
+    """transformers compiles decoding only under the quantizers it marks compileable (torchao, not
+    GPTQ, AWQ or bitsandbytes); torch.compile itself breaks the graph around a kernel it cannot
+    trace, so the gate is opened for every format and the breaks are counted (`graph_breaks`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    base.hf_quantizer = None
+    try:
+        yield
+    finally:
+        base.hf_quantizer = quantizer
+
+
+@contextlib.contextmanager
+def cudagraph_skips():
+    """The reasons torch.compile gives for running a compiled graph without CUDA graphs (e.g. an
+    input a kernel writes to), collected from its `cudagraphs` log while the block runs; deduplicated."""
+    reasons: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reason = " ".join(line.strip() for line in record.getMessage().splitlines()[:2])  # and where from
+            if reason.startswith("skipping cudagraphs") and reason not in reasons:
+                reasons.append(reason)
+
+    torch._logging.set_logs(cudagraphs=True)
+    logger, handler = logging.getLogger("torch._inductor"), Collect()
+    logger.addHandler(handler)
+    try:
+        yield reasons
+    finally:
+        logger.removeHandler(handler)
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile has met in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def served_decode_tokens_per_s(
@@ -89,7 +161,7 @@ def served_decode_tokens_per_s(
     return speeds
 
 
-def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: int) -> dict:
+def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: int, compiled: bool) -> dict:
     cfg = load_config()
     spec = VARIANTS[variant]
     device = resolve_device(cfg.model.device)
@@ -110,9 +182,16 @@ def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: 
         **footprint(spec.model, spec.adapter, base_params),
         "linear_bits_per_weight": bits_per_weight(spec.model, model),
         "decode_tokens_per_s": speeds,
-        "peak_mem_bytes": peak_memory_bytes(device),
+        "peak_mem_bytes": peak_memory_bytes(device),  # eager decoding's peak: the static cache adds its own
         "device": device_name(device),
     }
+    if compiled:
+        with torch.no_grad(), cudagraph_skips() as skips:
+            measured["compiled_decode_tokens_per_s"] = {
+                str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens, repeats, compiled=True)
+                for b in batch_sizes
+            }
+        measured["graph_breaks"], measured["cudagraph_skips"] = graph_breaks(), skips
     method = type(get_quantizer(cfg.algo))
     if method.serving_runtime:
         del model
@@ -128,20 +207,25 @@ def markdown(results: dict, baseline: str = "base") -> str:
     base = results["variants"][baseline]
     batches = list(base["decode_tokens_per_s"])
     served = base.get("served", {}).get("runtime")
-
-    def speeds(r: dict, b: dict) -> list[str]:
-        return [f"{r[k]:.1f} ({r[k] / b[k]:.2f}x)" for k in batches]
+    compiled = "compiled_decode_tokens_per_s" in base
+    # (column title, the speeds of a result) for each way of decoding, ratios against base decoded the same way
+    paths = [("transformers eager tok/s b{} (vs base)", lambda r: r["decode_tokens_per_s"])]
+    if compiled:
+        paths.append(
+            ("transformers static cache + compile tok/s b{} (vs base)", lambda r: r["compiled_decode_tokens_per_s"])
+        )
+    if served:
+        paths.append((f"{served} tok/s b{{}} (vs base 16-bit)", lambda r: r["served"]["decode_tokens_per_s"]))
 
     head = "| variant | size (MiB) | size vs base | bits/param | linear bits/weight | peak mem (MiB) | "
-    head += " | ".join(f"transformers eager tok/s b{b} (vs base)" for b in batches)
-    head += "".join(f" | {served} tok/s b{b} (vs base 16-bit)" for b in batches if served) + " |\n"
-    head += "|---" * (6 + len(batches) * (2 if served else 1)) + "|\n"
+    head += " | ".join(title.format(b) for title, _ in paths for b in batches)
+    head += " | graph breaks |\n" if compiled else " |\n"
+    head += "|---" * (6 + len(batches) * len(paths) + compiled) + "|\n"
     rows = []
     for name, r in results["variants"].items():
         lbw = f"{r['linear_bits_per_weight']:.2f}" if r["linear_bits_per_weight"] else "-"
-        cells = speeds(r["decode_tokens_per_s"], base["decode_tokens_per_s"])
-        if served:
-            cells += speeds(r["served"]["decode_tokens_per_s"], base["served"]["decode_tokens_per_s"])
+        cells = [f"{get(r)[k]:.1f} ({get(r)[k] / get(base)[k]:.2f}x)" for _, get in paths for k in batches]
+        cells += [str(r["graph_breaks"])] if compiled else []
         rows.append(
             f"| `{name}` | {r['size_bytes'] / 2**20:.1f} | {r['size_bytes'] / base['size_bytes']:.2f}x | "
             f"{r['bits_per_param']:.2f} | {lbw} | {r['peak_mem_bytes'] / 2**20:.0f} | {' | '.join(cells)} |"
@@ -150,9 +234,18 @@ def markdown(results: dict, baseline: str = "base") -> str:
     title = f"Variants on {results['device']} ({results['algo']}, {results['new_tokens']} new tokens, greedy, "
     title += f"median of {runs} timed runs)\n\n" if runs > 1 else "one timed run)\n\n"
     title += "Decoding tokens/s leave out the prompt's forward pass (time of N+1 new tokens less time of 1).\n\n"
+    if compiled:
+        title += (
+            "Compiled: a static KV cache and the decoding step compiled by transformers' `CompileConfig` "
+            "(torch.compile, CUDA graphs on a GPU); graph breaks are torch.compile's, in that variant's process.\n\n"
+        )
     if served:
         title += f"In {served}, quantized variants run from their checkpoint, float ones from a 16-bit conversion.\n\n"
-    return title + head + "\n".join(rows) + "\n"
+    skipped = [
+        f"- `{name}`: {reason}" for name, r in results["variants"].items() for reason in r.get("cudagraph_skips", [])
+    ]
+    notes = "\nCompiled graphs that ran without CUDA graphs:\n\n" + "\n".join(skipped) + "\n" if skipped else ""
+    return title + head + "\n".join(rows) + "\n" + notes
 
 
 def main() -> None:
@@ -162,6 +255,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median counts)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path; a .md table is written beside it")
     parser.add_argument(
+        "--compile", action="store_true", help="also decode with a static KV cache and torch.compile (slow to start)"
+    )
+    parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), metavar="V", help="variants to measure (default: all)"
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
@@ -170,7 +266,7 @@ def main() -> None:
         parser.error(f"--variants {' '.join(unknown)}: unknown (allowed: {', '.join(VARIANTS)})")
     variants = ["base", *(v for v in args.variants if v != "base")]  # base: the baseline of every ratio
     if args.one:
-        print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens, args.repeats)))
+        print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens, args.repeats, args.compile)))
         return
     algo = load_config().algo
     results = {
@@ -182,10 +278,17 @@ def main() -> None:
     out = args.out
     for variant in variants:
         cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens)]
-        cmd += ["--repeats", str(args.repeats), "--batch-sizes"]
-        done = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True, check=True)
+        cmd += ["--repeats", str(args.repeats), *(["--compile"] if args.compile else []), "--batch-sizes"]
+        done = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True)
+        if done.returncode:  # the measuring process's own last lines say why
+            raise SystemExit(
+                f"{done.stderr.strip()[-3000:]}\nerror: measuring {variant} failed (exit {done.returncode})"
+            )
         measured = results["variants"][variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{variant}: {measured['decode_tokens_per_s']}", flush=True)
+        print(
+            f"{variant}: {measured['decode_tokens_per_s']} {measured.get('compiled_decode_tokens_per_s', '')}",
+            flush=True,
+        )
         if out is None:
             slug = "".join(c if c.isalnum() else "-" for c in measured["device"].lower()).strip("-")
             out = Path("benchmarks/results") / f"variants-{slug}.json"
