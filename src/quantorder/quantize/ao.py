@@ -12,23 +12,21 @@ same way, and PEFT trains LoRA on them (its `TorchaoLoraLinear`).
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from quantorder.errors import UserError
-from quantorder.models import copy_tokenizer, load_pretrained, torch_dtype
-from quantorder.quantize.base import Quantizer
+from quantorder.quantize.onload import QuantizeOnLoad
 
 FP8_MATMUL_CAPABILITY = (8, 9)  # Ada / Hopper and later: float8 tensor-core matmuls
 
 
-class TorchAOQuantizer(Quantizer):
+class TorchAOQuantizer(QuantizeOnLoad):
     """Settings: config.TorchAOCfg."""
 
-    backend = "torchao"
+    backend = package = "torchao"
     requires_calibration = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("torchao",)
 
@@ -58,31 +56,24 @@ class TorchAOQuantizer(Quantizer):
             return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
         return Float8WeightOnlyConfig()
 
-    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
+    def backend_config(self) -> Any:
         from transformers import TorchAoConfig
 
+        return TorchAoConfig(self.ao_config())  # the output head and embeddings stay in the model's dtype
+
+    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
         self.check()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        config = TorchAoConfig(self.ao_config())  # the output head and embeddings stay in `dtype`
-        model = load_pretrained(
-            model_dir, dtype=torch_dtype(dtype), quantization_config=config, device_map={"": str(device)}
-        )
-        model.save_pretrained(out_dir)
-        copy_tokenizer(model_dir, out_dir)
         return {
-            "backend": self.backend,
-            "backend_version": importlib.metadata.version("torchao"),
-            "dtype": dtype,
-            "torchao_config": type(config.quant_type).__name__,
+            **super().quantize(model_dir, calibration, out_dir, dtype),
+            "torchao_config": type(self.ao_config()).__name__,
         }
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
-        """Through transformers, which rebuilds torchao's tensors from the checkpoint. For training
-        (PEFT wraps the layers) the same weights compute without activation quantization: float8
-        matmuls have no backward, and rounding the activations would zero the gradient that reaches
-        the adapters of earlier layers."""
-        model = load_pretrained(model_dir, dtype=torch_dtype(dtype), device_map={"": str(device)})
+        """As saved. For training (PEFT wraps the layers) the same weights compute without activation
+        quantization: float8 matmuls have no backward, and rounding the activations would zero the
+        gradient that reaches the adapters of earlier layers."""
+        model = super().load(model_dir, dtype, device, training)
         if training:
             for module in model.modules():
                 if cls.is_quantized_linear(module):

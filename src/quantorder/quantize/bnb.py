@@ -16,23 +16,22 @@ bitsandbytes' default (64) is applied by quantizing each layer again from its fl
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from quantorder.config import BnB4bitCfg
-from quantorder.models import copy_tokenizer, load_float, load_pretrained, torch_dtype
-from quantorder.quantize.base import Quantizer
+from quantorder.models import load_float, torch_dtype
+from quantorder.quantize.onload import QuantizeOnLoad
 
 DEFAULT_BLOCK_SIZE = 64  # what transformers' BitsAndBytesConfig quantizes with
 
 
-class BitsAndBytesQuantizer(Quantizer):
+class BitsAndBytesQuantizer(QuantizeOnLoad):
     """Settings: config.BnB4bitCfg (nf4, fp4) or config.BnBInt8Cfg (int8-bnb)."""
 
-    backend = "bitsandbytes"
+    backend = package = "bitsandbytes"
     requires_calibration = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
 
@@ -51,16 +50,9 @@ class BitsAndBytesQuantizer(Quantizer):
             )
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.cfg.threshold)
 
-    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_pretrained(
-            model_dir, dtype=torch_dtype(dtype), quantization_config=self.backend_config(), device_map={"": str(device)}
-        )
+    def adjust(self, model: torch.nn.Module, model_dir: Path, dtype: str) -> None:
         if isinstance(self.cfg, BnB4bitCfg) and self.cfg.group_size != DEFAULT_BLOCK_SIZE:
             self._requantize_blocks(model, load_float(model_dir, dtype, torch.device("cpu")))
-        model.save_pretrained(out_dir)
-        copy_tokenizer(model_dir, out_dir)
-        return {"backend": self.backend, "backend_version": importlib.metadata.version("bitsandbytes"), "dtype": dtype}
 
     def _requantize_blocks(self, model: torch.nn.Module, float_model: torch.nn.Module) -> None:
         """Quantize every 4-bit layer again from its float weight with the configured block size."""
@@ -78,12 +70,6 @@ class BitsAndBytesQuantizer(Quantizer):
                     quant_type=self.cfg.name,
                     module=module,
                 ).to(module.weight.device)
-
-    @classmethod
-    def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
-        """Through transformers, which reads the quantization state saved beside each weight; the same
-        layers serve evaluation and training (gradients flow through the dequantized weight)."""
-        return load_pretrained(model_dir, dtype=torch_dtype(dtype), device_map={"": str(device)})
 
     @classmethod
     def is_quantized_linear(cls, module: torch.nn.Module) -> bool:

@@ -1,0 +1,42 @@
+"""Methods whose library quantizes while transformers loads the float model (a `quantization_config`)
+and rebuilds its quantized layers from the saved checkpoint the same way: bitsandbytes, torchao."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from quantorder.models import copy_tokenizer, load_pretrained, torch_dtype
+from quantorder.quantize.base import Quantizer
+
+
+class QuantizeOnLoad(Quantizer):
+    """Subclasses give `backend_config` (transformers' quantization config for their settings) and
+    `package` (the distribution whose version the checkpoint records)."""
+
+    package: ClassVar[str]
+
+    def backend_config(self) -> Any:
+        raise NotImplementedError
+
+    def adjust(self, model: torch.nn.Module, model_dir: Path, dtype: str) -> None:
+        """Change the quantized model before it is saved (default: nothing)."""
+
+    def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
+        """Load `model_dir` quantized, on the GPU if there is one, and save it with its tokenizer."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_pretrained(
+            model_dir, dtype=torch_dtype(dtype), quantization_config=self.backend_config(), device_map={"": str(device)}
+        )
+        self.adjust(model, model_dir, dtype)
+        model.save_pretrained(out_dir)
+        copy_tokenizer(model_dir, out_dir)
+        return {"backend": self.backend, "backend_version": importlib.metadata.version(self.package), "dtype": dtype}
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
+        """Through transformers, which reads the quantization config and state saved with the weights."""
+        return load_pretrained(model_dir, dtype=torch_dtype(dtype), device_map={"": str(device)})
