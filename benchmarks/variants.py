@@ -147,6 +147,13 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (0: it ran nothing compiled, e.g. turned off)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def served_decode_tokens_per_s(
     method: type[Quantizer], spec, token_ids: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int
 ) -> dict[str, float]:
@@ -191,7 +198,7 @@ def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: 
                 str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens, repeats, compiled=True)
                 for b in batch_sizes
             }
-        measured["graph_breaks"], measured["cudagraph_skips"] = graph_breaks(), skips
+        measured |= {"compiled_graphs": compiled_graphs(), "graph_breaks": graph_breaks(), "cudagraph_skips": skips}
     method = type(get_quantizer(cfg.algo))
     if method.serving_runtime:
         del model
@@ -219,13 +226,13 @@ def markdown(results: dict, baseline: str = "base") -> str:
 
     head = "| variant | size (MiB) | size vs base | bits/param | linear bits/weight | peak mem (MiB) | "
     head += " | ".join(title.format(b) for title, _ in paths for b in batches)
-    head += " | graph breaks |\n" if compiled else " |\n"
-    head += "|---" * (6 + len(batches) * len(paths) + compiled) + "|\n"
+    head += " | compiled graphs | graph breaks |\n" if compiled else " |\n"
+    head += "|---" * (6 + len(batches) * len(paths) + 2 * compiled) + "|\n"
     rows = []
     for name, r in results["variants"].items():
         lbw = f"{r['linear_bits_per_weight']:.2f}" if r["linear_bits_per_weight"] else "-"
         cells = [f"{get(r)[k]:.1f} ({get(r)[k] / get(base)[k]:.2f}x)" for _, get in paths for k in batches]
-        cells += [str(r["graph_breaks"])] if compiled else []
+        cells += [str(r.get("compiled_graphs", "-")), str(r["graph_breaks"])] if compiled else []
         rows.append(
             f"| `{name}` | {r['size_bytes'] / 2**20:.1f} | {r['size_bytes'] / base['size_bytes']:.2f}x | "
             f"{r['bits_per_param']:.2f} | {lbw} | {r['peak_mem_bytes'] / 2**20:.0f} | {' | '.join(cells)} |"
@@ -237,7 +244,9 @@ def markdown(results: dict, baseline: str = "base") -> str:
     if compiled:
         title += (
             "Compiled: a static KV cache and the decoding step compiled by transformers' `CompileConfig` "
-            "(torch.compile, CUDA graphs on a GPU); graph breaks are torch.compile's, in that variant's process.\n\n"
+            "(torch.compile, CUDA graphs on a GPU). Compiled graphs and graph breaks: torch.compile's counts in that "
+            "variant's process (no graph: it decoded uncompiled; on a CPU, loading GPTQModel's kernel turns "
+            "torch.compile off).\n\n"
         )
     if served:
         title += f"In {served}, quantized variants run from their checkpoint, float ones from a 16-bit conversion.\n\n"
