@@ -26,7 +26,7 @@ FP8_MATMUL_CAPABILITY = (8, 9)  # Ada / Hopper and later: float8 tensor-core mat
 class TorchAOQuantizer(QuantizeOnLoad):
     """Settings: config.TorchAOCfg."""
 
-    backend = package = "torchao"
+    backend = "torchao"
     requires_calibration = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("torchao",)
 

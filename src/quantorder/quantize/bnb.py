@@ -31,7 +31,7 @@ DEFAULT_BLOCK_SIZE = 64  # what transformers' BitsAndBytesConfig quantizes with
 class BitsAndBytesQuantizer(QuantizeOnLoad):
     """Settings: config.BnB4bitCfg (nf4, fp4) or config.BnBInt8Cfg (int8-bnb)."""
 
-    backend = package = "bitsandbytes"
+    backend = "bitsandbytes"
     requires_calibration = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
 

@@ -4,8 +4,9 @@ and rebuilds its quantized layers from the saved checkpoint the same way: bitsan
 from __future__ import annotations
 
 import importlib.metadata
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -14,13 +15,12 @@ from quantorder.quantize.base import Quantizer
 
 
 class QuantizeOnLoad(Quantizer):
-    """Subclasses give `backend_config` (transformers' quantization config for their settings) and
-    `package` (the distribution whose version the checkpoint records)."""
+    """Subclasses give `backend_config`; their `backend` names the distribution whose version the
+    checkpoint records."""
 
-    package: ClassVar[str]
-
+    @abstractmethod
     def backend_config(self) -> Any:
-        raise NotImplementedError
+        """transformers' quantization config for these settings."""
 
     def adjust(self, model: torch.nn.Module, model_dir: Path, dtype: str) -> None:
         """Change the quantized model before it is saved (default: nothing)."""
@@ -34,7 +34,7 @@ class QuantizeOnLoad(Quantizer):
         self.adjust(model, model_dir, dtype)
         model.save_pretrained(out_dir)
         copy_tokenizer(model_dir, out_dir)
-        return {"backend": self.backend, "backend_version": importlib.metadata.version(self.package), "dtype": dtype}
+        return {"backend": self.backend, "backend_version": importlib.metadata.version(self.backend), "dtype": dtype}
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str, device: torch.device, training: bool) -> torch.nn.Module:
