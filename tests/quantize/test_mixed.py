@@ -68,3 +68,23 @@ def test_qalora_refuses_per_module_settings():
 def test_the_label_names_the_module_settings():
     assert GPTQCfg(name="gptq", group_size=32).label == "gptq 4-bit g32"
     assert GPTQCfg(name="gptq", group_size=32, dynamic=MIXED).label == f"gptq 4-bit g32 dynamic={MIXED}"
+
+
+@pytest.mark.parametrize(
+    ("bits", "dynamic", "sym", "training", "kernel"),
+    [
+        (4, None, True, False, "marlin"),
+        (4, None, False, False, "triton"),  # Marlin runs symmetric GPTQ only
+        (4, None, True, True, "triton"),  # Marlin has no backward
+        (2, None, True, False, "triton"),
+        (3, None, True, False, "torch"),  # neither Marlin nor Triton computes 3 bits
+        (4, {r".*mlp.*": {"bits": 3}}, True, False, "torch"),  # one 3-bit layer decides for all
+        (8, {r".*mlp.*": {"bits": 2}}, True, False, "triton"),
+    ],
+)
+def test_the_cuda_kernel_computes_every_width_the_checkpoint_holds(bits, dynamic, sym, training, kernel):
+    from quantorder.quantize.gptqmodel_backend import kernel_config
+
+    qcfg = {"quant_method": "gptq", "bits": bits, "sym": sym, "dynamic": dynamic}
+    assert kernel_config(qcfg, torch.device("cuda"), training).backend == kernel
+    assert kernel_config(qcfg, CPU, training).backend == "torch"

@@ -69,9 +69,9 @@ def kernel_config(qcfg: dict, device: torch.device, training: bool):
     """The transformers config that loads an int-packed checkpoint with the right GPTQModel kernel.
 
     CUDA: Marlin for inference (GPTQ's only where symmetric; 4 and 8 bits), else GPTQModel's Triton kernel for
-    GPTQ and its torch kernel for AWQ (whose Triton kernel is fp16-only); all train. CPU: the torch
-    kernels. GPTQModel's own CUDA default (Machete) JIT-builds from downloaded sources and fails
-    offline, so the choice is always explicit.
+    GPTQ (2, 4 and 8 bits; its torch kernel for 3) and its torch kernel for AWQ (whose Triton kernel is
+    fp16-only); all train. CPU: the torch kernels. GPTQModel's own CUDA default (Machete) JIT-builds
+    from downloaded sources and fails offline, so the choice is always explicit.
     """
     from transformers import AwqConfig, GPTQConfig
 
@@ -80,13 +80,22 @@ def kernel_config(qcfg: dict, device: torch.device, training: bool):
         return AwqConfig(bits=qcfg["bits"], backend="marlin" if marlin else "torch_awq")
     if marlin and qcfg.get("sym", True):
         return GPTQConfig(bits=qcfg["bits"], backend="marlin")
-    return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" else "torch")
+    return GPTQConfig(bits=qcfg["bits"], backend="triton" if device.type == "cuda" and _triton_bits(qcfg) else "torch")
+
+
+def _layer_bits(qcfg: dict) -> set[int]:
+    """Every bit width a checkpoint's layers have: its default and its per-module overrides."""
+    return {qcfg["bits"], *(o.get("bits", qcfg["bits"]) for o in (qcfg.get("dynamic") or {}).values())}
 
 
 def _marlin_bits(qcfg: dict) -> bool:
     """Whether every layer of a checkpoint has bits Marlin computes with (4 or 8)."""
-    overrides = [o.get("bits", qcfg["bits"]) for o in (qcfg.get("dynamic") or {}).values()]
-    return all(b in (4, 8) for b in [qcfg["bits"], *overrides])
+    return _layer_bits(qcfg) <= {4, 8}
+
+
+def _triton_bits(qcfg: dict) -> bool:
+    """Whether every layer of a checkpoint has bits GPTQModel's Triton kernel computes with (2, 4 or 8)."""
+    return _layer_bits(qcfg) <= {2, 4, 8}
 
 
 def load_mixed(
@@ -98,8 +107,10 @@ def load_mixed(
     a float32 request loads in bf16 there."""
     from gptqmodel import BACKEND, GPTQModel
 
-    if device.type == "cuda":
-        backend = BACKEND.MARLIN if not training and qcfg.get("sym", True) and _marlin_bits(qcfg) else BACKEND.TRITON
+    if device.type == "cuda" and not training and qcfg.get("sym", True) and _marlin_bits(qcfg):
+        backend = BACKEND.MARLIN
+    elif device.type == "cuda" and _triton_bits(qcfg):
+        backend = BACKEND.TRITON
     else:
         backend, dtype = BACKEND.TORCH, torch.bfloat16 if dtype == torch.float32 else dtype
     with (
