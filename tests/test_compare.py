@@ -160,9 +160,16 @@ def _summary(ppl: dict, size: dict, speed: dict, ci: dict, served: dict | None =
         "ppl": ppl,
         "size_mib": size,
         "eval_tokens_per_s": speed,
-        "gap_to_ft_ci95_pct": ci,
+        "gap_to_ft_ci95_pct": {v: {"low": low, "high": high} for v, (low, high) in ci.items()},
         "serving_runtime": served or {},
     }
+
+
+def _as_dvc_reads(summary: dict) -> dict:
+    """A summary.json as `dvc exp show` reports it: DVC keeps numbers, strings and dicts of them."""
+    from dvc.repo.metrics.show import _extract_metrics
+
+    return _extract_metrics(summary, "metrics/summary.json")
 
 
 def test_pareto_front_counts_a_quality_difference_only_where_the_intervals_separate():
@@ -179,7 +186,7 @@ def test_pareto_front_counts_a_quality_difference_only_where_the_intervals_separ
     }
     summary = _summary(ppl, size, speed, ci)
     rev = _rev("e0", "gptq 4-bit g64", 0, ppl=ppl)
-    rev["data"]["metrics"]["metrics/summary.json"]["data"] |= summary
+    rev["data"]["metrics"]["metrics/summary.json"]["data"] |= _as_dvc_reads(summary)
     cells = grid(from_exp_show(_show(rev)))
     front = pareto(cells)
     on_front = {p["variant"] for p in front["front"]}
@@ -190,7 +197,8 @@ def test_pareto_front_counts_a_quality_difference_only_where_the_intervals_separ
     ft = next(p for p in front["front"] if p["variant"] == "ft")
     assert ft["gap_ci95_pct"] == (0.0, 0.0) and ft["runtime"] == "transformers"
     # the same grid with qat_merge_q's interval wholly above ft_q's: now ft_q is better in quality
-    summary["gap_to_ft_ci95_pct"]["qat_merge_q"] = [8.1, 9.9]
+    intervals = rev["data"]["metrics"]["metrics/summary.json"]["data"]["gap_to_ft_ci95_pct"]
+    intervals["qat_merge_q"] = {"low": 8.1, "high": 9.9}
     cells = grid(from_exp_show(_show(rev)))
     assert {"ft_q", "ft_merge_q", "qat_merge_q"} <= {p["variant"] for p in pareto(cells)["front"]}
 
@@ -202,7 +210,7 @@ def test_pareto_front_reads_the_serving_runtimes_speed_and_is_in_the_table(tmp_p
     ci = {v: [100 * (p / 7.0 - 1) - 0.5, 100 * (p / 7.0 - 1) + 0.5] for v, p in ppl.items() if v != "ft"}
     served = {"ft_q": {"runtime": "llama.cpp", "eval_tokens_per_s": 3000.0}}
     rev = _rev("e0", "gptq 4-bit g64", 0, ppl=ppl)
-    rev["data"]["metrics"]["metrics/summary.json"]["data"] |= _summary(ppl, size, speed, ci, served)
+    rev["data"]["metrics"]["metrics/summary.json"]["data"] |= _as_dvc_reads(_summary(ppl, size, speed, ci, served))
     data, files = write(from_exp_show(_show(rev)), tmp_path)
     front = {p["variant"]: p for p in data["pareto"]["front"]}
     assert front["ft_q"]["runtime"] == "llama.cpp" and front["ft_q"]["tokens_per_s"] == 3000.0

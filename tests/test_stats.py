@@ -55,7 +55,7 @@ def test_report_carries_intervals_into_summary_and_table(tmp_path):
     assert summary["provenance"] == {"ppl_definition": "corpus", **PROVENANCE}  # shared by all; per-model hashes not
     assert set(summary["gap_to_ft_ci95_pct"]) == set(VARIANTS) - {"ft"}
     assert summary["gap_to_ft_significant"]["base_q"] and not summary["gap_to_ft_significant"]["q_ft"]
-    low, high = summary["gap_to_ft_ci95_pct"]["base_q"]
+    low, high = summary["gap_to_ft_ci95_pct"]["base_q"].values()
     assert low < summary["gap_to_ft_pct"]["base_q"] < high
     table = markdown_table(summary)
     assert "| `q_ft` |" in table and "(n.s.)" in table.split("| `q_ft` |")[1].splitlines()[0]

@@ -66,7 +66,7 @@ def _costs(summary: dict) -> dict[str, Cost]:
             size,
             served[v]["eval_tokens_per_s"] if v in served else summary["eval_tokens_per_s"][v],
             served[v]["runtime"] if v in served else "transformers",
-            tuple(intervals[v]) if v in intervals else (0.0, 0.0) if v == TARGET else None,
+            (intervals[v]["low"], intervals[v]["high"]) if v in intervals else (0.0, 0.0) if v == TARGET else None,
             (summary.get("linear_bits_per_weight") or {}).get(v),
         )
         for v, size in (summary.get("size_mib") or {}).items()

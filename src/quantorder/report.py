@@ -50,7 +50,8 @@ def summarize(all_metrics: dict[str, dict], algo_label: str, algo_digest: str, i
         "ppl": {v: round(m["ppl"], 4) for v, m in metrics.items()},
         "gap_to_ft": {v: round(m["ppl"] - ft, 4) for v, m in metrics.items()},
         "gap_to_ft_pct": {v: round(100 * (m["ppl"] / ft - 1), 3) for v, m in metrics.items()},
-        "gap_to_ft_ci95_pct": {v: i["ci95_pct"] for v, i in intervals.items()},
+        # {low, high}, not a pair: DVC's metrics (`dvc exp show`, hence `quantorder compare`) drop lists
+        "gap_to_ft_ci95_pct": {v: dict(zip(("low", "high"), i["ci95_pct"])) for v, i in intervals.items()},
         "gap_to_ft_significant": {v: i["excludes_zero"] for v, i in intervals.items()},
         "size_mib": {v: round(m["size_bytes"] / 2**20, 3) for v, m in metrics.items()},
         "bits_per_param": {v: round(m["bits_per_param"], 3) for v, m in metrics.items()},
@@ -106,8 +107,8 @@ def to_csv(rows: list[dict]) -> str:
 def _interval(summary: dict, v: str) -> str:
     if v not in summary["gap_to_ft_ci95_pct"]:
         return "-"
-    low, high = summary["gap_to_ft_ci95_pct"][v]
-    return f"[{low:+.2f}%, {high:+.2f}%]" + ("" if summary["gap_to_ft_significant"][v] else " (n.s.)")
+    ci = summary["gap_to_ft_ci95_pct"][v]
+    return f"[{ci['low']:+.2f}%, {ci['high']:+.2f}%]" + ("" if summary["gap_to_ft_significant"][v] else " (n.s.)")
 
 
 def markdown_table(summary: dict) -> str:
