@@ -115,3 +115,19 @@ def test_compiled_decoding_with_a_static_cache_gives_the_eager_tokens(monkeypatc
     assert torch.equal(first, eager) and torch.equal(again, eager)
     assert variants.compiled_graphs() == graphs_before + 1  # decoding ran compiled: one graph
     assert variants.graph_breaks() == breaks_before  # and no break in it
+
+
+def test_linear_kernels_table_sums_the_layer_and_the_script_needs_cuda(monkeypatch):
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import linear_kernels
+
+    row = {"module": "m", "kernel": "K", "in": 8, "out": 8, "quantized_eager_us": 1.0, "bf16_eager_us": 1.0}
+    linears = [row | {"quantized_graph_us": q, "bf16_graph_us": b} for q, b in ((10.0, 30.0), (30.0, 10.0))]
+    table = linear_kernels.markdown({"device": "D", "variant": "base_q", "layer": 0, "batch": 1, "linears": linears})
+    assert "| 3.00x |" in table and "| 0.33x |" in table and "| **layer** | | | 40.0 | 40.0 | **1.00x** |" in table
+    monkeypatch.setattr(linear_kernels.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["linear_kernels.py"])
+    with pytest.raises(SystemExit, match="error: benchmarks/linear_kernels.py times CUDA kernels"):
+        linear_kernels.main()

@@ -381,6 +381,11 @@ class TorchAOCfg(AlgoCfg):
         )
         raise_problems(p)
 
+    @property
+    def label(self) -> str:
+        """The format and whether activations are quantized too (e.g. "fp8 8-bit per row, dynamic activations")."""
+        return f"{self.name} 8-bit per row, {'dynamic' if self.activations == 'dynamic' else 'float'} activations"
+
 
 # algo.name -> its settings; quantize/__init__.py maps the same names to their implementations
 ALGO_CONFIGS: dict[str, type[AlgoCfg]] = {

@@ -119,3 +119,9 @@ def test_bad_settings_fail_in_one_line(settings, message):
     with pytest.raises(ConfigError, match=message) as info:
         TorchAOCfg(**settings)
     assert "\n" not in str(info.value)
+
+
+def test_labels_tell_weight_only_from_dynamic_activations():
+    labels = {TorchAOCfg(name="fp8", activations=a).label for a in ("none", "dynamic")}
+    assert labels == {"fp8 8-bit per row, float activations", "fp8 8-bit per row, dynamic activations"}
+    assert TorchAOCfg(name="int8-dynamic").label == "int8-dynamic 8-bit per row, dynamic activations"
