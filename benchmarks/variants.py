@@ -14,6 +14,8 @@ Usage (from the project root, after `dvc repro`):
     python benchmarks/variants.py --batch-sizes 1 16 --new-tokens 64 --repeats 5
     python benchmarks/variants.py --compile             # a GPU host: eager and compiled decoding side by side
     python benchmarks/variants.py --variants base_q q_ft   # a subset (base is always measured: the baseline)
+    python benchmarks/variants.py --compile --int4-kernel tinygemm --variants base_q
+                            # int4 GPTQ-format layers on PyTorch's tinygemm matmul instead of the checkpoint's kernel
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from quantorder.layout import BASE_DIR, PROVENANCE_FILE, QA_DIR
 from quantorder.memory import peak_memory_bytes, reset_peak_memory
 from quantorder.models import load_tokenizer, resolve_device
 from quantorder.provenance import device_name
-from quantorder.quantize import bits_per_weight, get_quantizer, load_model
+from quantorder.quantize import bits_per_weight, get_quantizer, load_model, method_of
 from quantorder.quantize.base import Quantizer
+from quantorder.quantize.tinygemm import to_tinygemm
 from quantorder.variants import VARIANTS
 
 
@@ -168,12 +171,20 @@ def served_decode_tokens_per_s(
     return speeds
 
 
-def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: int, compiled: bool) -> dict:
+def measure_one(
+    variant: str, batch_sizes: list[int], new_tokens: int, repeats: int, compiled: bool, int4_kernel: str
+) -> dict:
     cfg = load_config()
     spec = VARIANTS[variant]
     device = resolve_device(cfg.model.device)
     reset_peak_memory(device)
-    model = load_model(spec.model, cfg.model.dtype, device)
+    method = method_of(spec.model)
+    tinygemm = int4_kernel == "tinygemm" and method is not None
+    # tinygemm reads the checkpoint's own layout, which the training kernels keep (Marlin repacks it)
+    model = load_model(spec.model, cfg.model.dtype, device, training=tinygemm)
+    linear_bits = bits_per_weight(spec.model, model)  # what the checkpoint stores, whichever kernel runs it
+    if tinygemm:
+        to_tinygemm(model, method)
     if spec.adapter:
         from peft import PeftModel
 
@@ -187,10 +198,11 @@ def measure_one(variant: str, batch_sizes: list[int], new_tokens: int, repeats: 
         speeds = {str(b): decode_tokens_per_s(model, tokenizer, prompts, b, new_tokens, repeats) for b in batch_sizes}
     measured = {
         **footprint(spec.model, spec.adapter, base_params),
-        "linear_bits_per_weight": bits_per_weight(spec.model, model),
+        "linear_bits_per_weight": linear_bits,
         "decode_tokens_per_s": speeds,
         "peak_mem_bytes": peak_memory_bytes(device),  # eager decoding's peak: the static cache adds its own
         "device": device_name(device),
+        "int4_kernel": "tinygemm" if tinygemm else None,
     }
     if compiled:
         with torch.no_grad(), cudagraph_skips() as skips:
@@ -269,17 +281,31 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), metavar="V", help="variants to measure (default: all)"
     )
+    parser.add_argument(
+        "--int4-kernel",
+        choices=["checkpoint", "tinygemm"],
+        default="checkpoint",
+        help="tinygemm: int4 GPTQ-format layers (rtn, gptq, awq) on PyTorch's int4 matmul, bf16",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = parser.parse_args()
     if unknown := [v for v in args.variants if v not in VARIANTS]:
         parser.error(f"--variants {' '.join(unknown)}: unknown (allowed: {', '.join(VARIANTS)})")
     variants = ["base", *(v for v in args.variants if v != "base")]  # base: the baseline of every ratio
     if args.one:
-        print(json.dumps(measure_one(args.one, args.batch_sizes, args.new_tokens, args.repeats, args.compile)))
+        measured = measure_one(
+            args.one, args.batch_sizes, args.new_tokens, args.repeats, args.compile, args.int4_kernel
+        )
+        print(json.dumps(measured))
         return
+    if args.int4_kernel == "tinygemm":
+        if get_quantizer(load_config().algo).backend != "gptqmodel":
+            parser.error(f"--int4-kernel tinygemm: algo={load_config().algo.name} is not GPTQ-format (rtn, gptq, awq)")
+        if adapted := [v for v in args.variants if VARIANTS[v].adapter]:
+            parser.error(f"--int4-kernel tinygemm: {' '.join(adapted)} decode through an adapter; merged variants only")
     algo = load_config().algo
     results = {
-        "algo": algo.label,
+        "algo": algo.label + (", int4 on tinygemm" if args.int4_kernel == "tinygemm" else ""),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "variants": {},
@@ -287,7 +313,8 @@ def main() -> None:
     out = args.out
     for variant in variants:
         cmd = [sys.executable, __file__, "--one", variant, "--new-tokens", str(args.new_tokens)]
-        cmd += ["--repeats", str(args.repeats), *(["--compile"] if args.compile else []), "--batch-sizes"]
+        cmd += ["--repeats", str(args.repeats), *(["--compile"] if args.compile else []), "--int4-kernel"]
+        cmd += [args.int4_kernel, "--batch-sizes"]
         done = subprocess.run(cmd + [str(b) for b in args.batch_sizes], capture_output=True, text=True)
         if done.returncode:  # the measuring process's own last lines say why
             raise SystemExit(

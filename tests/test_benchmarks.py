@@ -131,3 +131,16 @@ def test_linear_kernels_table_sums_the_layer_and_the_script_needs_cuda(monkeypat
     monkeypatch.setattr(sys, "argv", ["linear_kernels.py"])
     with pytest.raises(SystemExit, match="error: benchmarks/linear_kernels.py times CUDA kernels"):
         linear_kernels.main()
+
+
+def test_variants_benchmark_runs_tinygemm_on_merged_gptq_format_variants_only(monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(ROOT)  # the project's params.yaml: algo rtn, GPTQ-format
+    import variants
+
+    monkeypatch.setattr(sys, "argv", ["variants.py", "--int4-kernel", "tinygemm", "--variants", "base_q", "q_ft"])
+    with pytest.raises(SystemExit):
+        variants.main()
+    assert "--int4-kernel tinygemm: q_ft decode through an adapter; merged variants only" in capsys.readouterr().err

@@ -68,6 +68,23 @@ def test_gpu_kernels_match_cpu_evaluation_of_the_same_checkpoint(gpu_quantized):
     assert rel < 2e-2, rel  # bf16 activations, different kernels: same function
 
 
+def test_tinygemm_on_the_gpu_computes_the_cpu_evaluation_of_the_same_checkpoint(gpu_quantized):
+    from quantorder.quantize import method_of
+    from quantorder.quantize.tinygemm import to_tinygemm
+
+    name, model_dir = gpu_quantized
+    if name not in ("gptq-sym", "gptq", "awq"):
+        pytest.skip(f"{name}: not a 4-bit GPTQ-format checkpoint")
+    x = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    gpu = load_model(model_dir, "bfloat16", CUDA, training=True)  # the checkpoint's layout, which tinygemm reads
+    assert to_tinygemm(gpu, method_of(model_dir)) == 14
+    with torch.no_grad():
+        on_gpu = gpu(input_ids=x.to(CUDA)).logits.float().cpu()
+        on_cpu = load_model(model_dir, "bfloat16", CPU)(input_ids=x).logits.float()
+    rel = (torch.linalg.norm(on_gpu - on_cpu) / torch.linalg.norm(on_cpu)).item()
+    assert rel < 2e-2, rel  # bf16 scales and activations, another kernel: the same function
+
+
 def test_lora_trains_on_the_gpu_quantized_base(gpu_quantized, qa_rows, tmp_path):
     from quantorder.config import FinetuneCfg
     from quantorder.finetune import mean_loss, setup_data, setup_model, train_loop
