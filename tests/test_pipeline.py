@@ -63,6 +63,9 @@ def float_run(project) -> str:
 def test_float_chain_then_queued_grid_then_algo_switch(project, float_run):
     assert executed(float_run) == FLOAT_CHAIN
     assert "peak memory RSS" in float_run
+    # DVC links outputs into its cache (.dvc/config cache.type) instead of copying: each model is on disk once
+    weights = project / "models/merged/ft/model.safetensors"
+    assert weights.stat().st_nlink >= 2 and weights.stat().st_mode & 0o222 == 0  # read-only: cache protection
 
     # the grid of two algorithms, queued: each experiment runs only its quantization chain (nf4's
     # q_ft adapter starts from LoftQ)
@@ -85,6 +88,7 @@ def test_float_chain_then_queued_grid_then_algo_switch(project, float_run):
     third = run(["dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "algo=nf4", "-S", LOFTQ], project)
     assert executed(third) == {"report"}  # everything else comes back from the run-cache the queue filled
     assert "MLflow already has these results" in third
+    assert (project / "models/quantized/base_q/quantorder.json").stat().st_nlink >= 2  # restored as a link too
     made = json.loads((project / "models/quantized/base_q/quantorder.json").read_text())
     assert made["algo"]["name"] == "nf4" and made["backend"] == "bitsandbytes"
     assert made["calibration_sha256"] is None  # bitsandbytes quantizes without calibration
