@@ -298,12 +298,12 @@ def main() -> None:
         )
         print(json.dumps(measured))
         return
+    algo = load_config().algo
     if args.int4_kernel == "tinygemm":
-        if get_quantizer(load_config().algo).backend != "gptqmodel":
-            parser.error(f"--int4-kernel tinygemm: algo={load_config().algo.name} is not GPTQ-format (rtn, gptq, awq)")
+        if get_quantizer(algo).backend != "gptqmodel":
+            parser.error(f"--int4-kernel tinygemm: algo={algo.name} is not GPTQ-format (rtn, gptq, awq)")
         if adapted := [v for v in args.variants if VARIANTS[v].adapter]:
             parser.error(f"--int4-kernel tinygemm: {' '.join(adapted)} decode through an adapter; merged variants only")
-    algo = load_config().algo
     results = {
         "algo": algo.label + (", int4 on tinygemm" if args.int4_kernel == "tinygemm" else ""),
         "new_tokens": args.new_tokens,

@@ -58,9 +58,14 @@ def _pack(codes: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, inner_k_tiles)
 
 
+def _group_size(module: torch.nn.Module) -> int:
+    """A quantized layer's group size, a whole row where the checkpoint says -1."""
+    return module.in_features if module.group_size == -1 else module.group_size
+
+
 def supported(module: torch.nn.Module) -> str | None:
     """Why a quantized layer cannot run on tinygemm, or None if it can."""
-    group_size = module.in_features if module.group_size == -1 else module.group_size
+    group_size = _group_size(module)
     if module.bits != 4:
         return f"{module.bits}-bit weights (tinygemm computes 4 bits)"
     if group_size not in GROUP_SIZES:
@@ -82,10 +87,9 @@ def to_tinygemm(model: torch.nn.Module, method: type[Quantizer]) -> int:
         if reason := supported(module):
             raise ValueError(f"{name}: {reason}")
     for name, module in layers:
-        group_size = module.in_features if module.group_size == -1 else module.group_size
         bias = getattr(module, "bias", None)
         with torch.no_grad():
-            fast = TinyGemmLinear(method.linear_weight(module), module.scales, group_size, bias)
+            fast = TinyGemmLinear(method.linear_weight(module), module.scales, _group_size(module), bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, fast)
     return len(layers)
