@@ -295,6 +295,28 @@ def browser():
     driver.quit()
 
 
+def _links(browser, names: list[str], timeout_s: float = 60) -> list[str]:
+    """The texts of the page's links that are among `names`, in page order, once a link for each name
+    is rendered (MLflow re-renders the runs table after its text first shows); what is there at the
+    timeout otherwise."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    found: list[str] = []
+
+    def all_rendered(driver) -> bool:
+        nonlocal found
+        found = [a.text for a in driver.find_elements("css selector", "a") if a.text in names]
+        return sorted(found) == sorted(names)
+
+    wait = WebDriverWait(browser, timeout_s, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException])
+    try:
+        wait.until(all_rendered)
+    except Exception:
+        pass  # the caller's assertion reports what was found
+    return found
+
+
 def _page_text(browser, url: str, expected: list[str], timeout_s: float = 60) -> str:
     """Open `url` and wait until every string in `expected` is on the rendered page; its text."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -328,7 +350,7 @@ def test_quantorder_ui_lands_on_the_variants_side_by_side(ui, browser, tmp_path)
 
     shown = _page_text(browser, page, [*VARIANTS, "ppl", f"{len(VARIANTS)} matching runs"])
     browser.save_screenshot(str(tmp_path / "variants.png"))
-    rows = [a.text for a in browser.find_elements("css selector", "a") if a.text in VARIANTS]
+    rows = _links(browser, list(VARIANTS))
     assert rows == by_ppl, (rows, shown[:2000])  # the table: one row per variant, best first
     assert "Sort: ppl" in shown and "/runs?" in browser.current_url  # the runs page, not a GenAI overview
 
