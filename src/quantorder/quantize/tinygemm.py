@@ -53,7 +53,7 @@ def _pack(codes: torch.Tensor, in_features: int) -> torch.Tensor:
     """Codes (out, in) in tinygemm's tiled layout, with the most inner k-tiles `in_features` allows."""
     inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
     if codes.is_cuda:  # two codes a byte, the even one in the high nibble
-        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()  # the op reads memory as laid out
         return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, inner_k_tiles)
 
