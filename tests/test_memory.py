@@ -1,11 +1,11 @@
-"""The allocator setting every stage makes: freed CPU tensors stay mapped for the next step."""
+"""The allocator setting of CPU fine-tuning: freed tensors stay mapped for the next step."""
 
 import json
 import subprocess
 import sys
 
 # steps that each hold 8, 16 and 32 MiB of tensors at once, as a training step holds activations:
-# the page faults of each step after the first, and the peak resident set
+# the page faults of each of 30 steps after the first, and the peak resident set
 _STEPS = """
 import json, resource, sys, torch
 from quantorder.memory import keep_freed_memory
@@ -18,7 +18,7 @@ def step():
     return float(a[0] + b[0] + c[0])
 step()
 per_step = []
-for _ in range(12):
+for _ in range(30):
     before = faults()
     step()
     per_step.append(faults() - before)
@@ -33,8 +33,8 @@ def run_steps(mode: str) -> dict:
 
 def test_freed_tensors_are_reused_without_faulting_their_pages_in_again():
     default, kept = run_steps("default"), run_steps("keep")
-    # by default the 32 MiB tensor is mapped anew every step: a fault per 4 KiB page
-    assert min(default["faults"][2:]) >= 32 * 2**20 // 4096, default
-    # kept: the heap settles within a few steps, then steps reuse it (an odd step still grows it)
-    assert sum(kept["faults"][2:]) * 4 < sum(default["faults"][2:]), kept
-    assert kept["peak_rss"] < 1.5 * default["peak_rss"], (kept, default)  # reused, not piled up
+    assert min(default["faults"][10:]) > 0, default  # by default the 32 MiB tensor is mapped anew every step
+    # kept: the heap settles within a few steps, then steps reuse it (an odd step may still grow it)
+    assert sum(kept["faults"][10:]) * 10 < sum(default["faults"][10:]), kept
+    # reused, not piled up: 30 steps of 56 MiB each would be 1.6 GiB
+    assert kept["peak_rss"] < 2 * default["peak_rss"], (kept, default)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+from unittest import mock
 
 from quantorder.errors import UserError
 
@@ -91,7 +92,11 @@ def captured_output(log_path: str | Path) -> Iterator[TextIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with log_path.open("w") as log, open(saved[0], "w", closefd=False) as console, _environment(TERM="dumb"):
+    with (
+        log_path.open("w") as log,
+        open(saved[0], "w", closefd=False) as console,
+        mock.patch.dict(os.environ, TERM="dumb"),
+    ):
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
@@ -105,21 +110,6 @@ def captured_output(log_path: str | Path) -> Iterator[TextIO]:
             print("\n".join(tail), file=sys.stderr)
             raise
         _restore(saved)
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the block, then put back what was there."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _restore(saved: tuple[int, int]) -> None:

@@ -15,9 +15,9 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU tensors come from malloc, which serves large blocks with a fresh `mmap` and
     unmaps them on free, so every step faults in its large activations page by page again (the
     float32 logits of a batch alone are 200 MB). Turning mmap off and trimming only above 2 GiB of
-    free heap keeps them mapped: a CPU fine-tuning step runs 1.37x faster on 2 cores, computing
+    free heap keeps them mapped: a CPU fine-tuning step runs about 1.4x faster on 2 cores, computing
     exactly the same numbers. The price is fragmentation: the process's peak resident set grows
-    (fine-tuning the embedded default: 4.43 -> 4.99 GiB; evaluation, which gains nothing, 1.8 -> 2.7).
+    (fine-tuning the embedded default: 4.4 -> 4.9 GiB; evaluation, which gains nothing, 1.8 -> 2.7).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
