@@ -227,9 +227,21 @@ class RTNCfg(PackedCfg):
 
 
 @dataclass
-class GPTQCfg(PackedCfg):
+class CalibratedCfg(PackedCfg):
+    """Settings of the GPTQModel methods that run calibration samples through the model (gptq, awq)."""
+
+    batch_size: int = 1  # calibration samples per forward pass (GPTQModel's own default)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        raise_problems([] if self.batch_size >= 1 else [f"algo.batch_size={self.batch_size}: must be >= 1"])
+
+
+@dataclass
+class GPTQCfg(CalibratedCfg):
     """GPTQ settings (conf/algo/gptq.yaml)."""
 
+    batch_size: int = 16  # 1.6x faster than one at a time on 2 cores; base_q perplexity 0.4% apart
     desc_act: bool = False  # act-order: better accuracy, slower kernels on some backends
     damp_percent: float = 0.01  # higher: more stable, less exact
     static_groups: bool = False  # with desc_act: fix group boundaries before reordering
@@ -243,7 +255,7 @@ class GPTQCfg(PackedCfg):
 
 
 @dataclass
-class AWQCfg(PackedCfg):
+class AWQCfg(CalibratedCfg):
     """AWQ settings (conf/algo/awq.yaml)."""
 
     duo_scaling: bool = True  # s from activation and weight statistics (AWQ paper); false: activations only

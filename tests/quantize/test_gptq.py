@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from quantorder import progress
-from quantorder.config import GPTQCfg, RTNCfg
+from quantorder.config import AWQCfg, GPTQCfg, RTNCfg
 from quantorder.quantize import load_model
+from quantorder.quantize.awq import AWQQuantizer
 from quantorder.quantize.gptq import GPTQQuantizer
 from quantorder.quantize.gptqmodel_backend import BACKEND_LOG
 from quantorder.quantize.rtn import RTNQuantizer
@@ -47,6 +48,37 @@ def test_damping_must_be_a_fraction():
 
     with pytest.raises(ConfigError, match=r"algo.damp_percent=0: must be in \(0, 1\)"):
         GPTQCfg(name="gptq", damp_percent=0)
+
+
+def test_a_calibration_batch_holds_at_least_one_sample():
+    from quantorder.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algo.batch_size=0: must be >= 1"):
+        AWQCfg(name="awq", batch_size=0)
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        GPTQQuantizer(GPTQCfg(name="gptq", group_size=32, batch_size=4)),
+        AWQQuantizer(AWQCfg(name="awq", group_size=32, batch_size=4)),
+    ],
+    ids=["gptq", "awq"],
+)
+def test_calibration_runs_through_the_model_in_batches_of_the_configured_size(
+    quantizer, tmp_path, tiny_dir, calibration, monkeypatch
+):
+    from gptqmodel.models.base import BaseQModel
+
+    sizes, quantize = [], BaseQModel.quantize
+
+    def recorded(self, samples, *args, **kwargs):
+        sizes.append(kwargs.get("batch_size", 1))
+        return quantize(self, samples, *args, **kwargs)
+
+    monkeypatch.setattr(BaseQModel, "quantize", recorded)
+    quantizer.quantize(tiny_dir, calibration, tmp_path, "float32")
+    assert sizes == [4]
 
 
 def test_quantizing_reports_layer_progress_on_the_console(tmp_path, tiny_dir, calibration, capfd, monkeypatch):

@@ -12,6 +12,7 @@ Sample config (conf/algo/awq.yaml):
     duo_scaling: true     # search s from activation and weight magnitudes (false: activations only)
     clip: true            # also search each group's clipping range
     chunked_search: true  # stream the search's activations in chunks: less memory, same result
+    batch_size: 1         # calibration samples per forward pass (GPTQModel's default)
 Lifecycle: GPTQModel runs the calibration samples layer by layer, searches the scales on a
 20-point grid (fixed by the backend), folds them into the previous op, quantizes, and packs the
 AWQ checkpoint format. The searched scales are saved in `awq/scales.safetensors`.
@@ -121,5 +122,5 @@ class AWQQuantizer(GPTQModelQuantizer):
 
     def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
         with awq_search(self.cfg.duo_scaling, self.cfg.clip) as searched:
-            model.quantize(calibration)
+            model.quantize(calibration, batch_size=self.cfg.batch_size)
         return {"searched_scales": save_scales(searched, out_dir)}

@@ -10,12 +10,14 @@ Sample config (conf/algo/gptq.yaml):
     damp_percent: 0.01   # diagonal dampening, as a fraction of the mean diagonal
     static_groups: false
     true_sequential: true
+    batch_size: 16       # calibration samples per forward pass (GPTQModel's default: 1, slower)
 Lifecycle: GPTQModel runs the calibration samples layer by layer, accumulates each linear
 layer's Hessian, quantizes it, and packs the result in the GPTQ checkpoint format.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer
@@ -41,3 +43,7 @@ class GPTQQuantizer(GPTQModelQuantizer):
             true_sequential=c.true_sequential,
             dynamic=c.dynamic or None,
         )
+
+    def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
+        model.quantize(calibration, batch_size=self.cfg.batch_size)
+        return {}
