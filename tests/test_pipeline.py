@@ -299,7 +299,7 @@ def _links(browser, names: list[str], timeout_s: float = 60) -> list[str]:
     """The texts of the page's links that are among `names`, in page order, once a link for each name
     is rendered (MLflow re-renders the runs table after its text first shows); what is there at the
     timeout otherwise."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     found: list[str] = []
@@ -312,7 +312,7 @@ def _links(browser, names: list[str], timeout_s: float = 60) -> list[str]:
     wait = WebDriverWait(browser, timeout_s, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException])
     try:
         wait.until(all_rendered)
-    except Exception:
+    except TimeoutException:
         pass  # the caller's assertion reports what was found
     return found
 
