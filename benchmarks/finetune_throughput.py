@@ -14,6 +14,9 @@ attention (forward 2, backward 4); recomputation by checkpointing is not useful 
     python benchmarks/finetune_throughput.py --model llama-3.1-8b --steps 20 \\
         --out benchmarks/results/finetune-llama-3.1-8b-h100.json
     python benchmarks/finetune_throughput.py --model tiny --steps 3 --seq-len 64   # CPU smoke run
+
+`--set compile=true,batch_size=2` (repeatable) also measures the preset with those settings changed,
+against the same baseline: each set is one more run, `quantorder[compile=true,batch_size=2]`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from common import architecture_and_tokenizer, conf, model_with_tokenizer, publish, qa_rows
 
 from quantorder.config import FinetuneCfg
@@ -123,6 +127,21 @@ def run_quantorder(model, train: list[Example], cfg: FinetuneCfg, seed: int) -> 
     }
 
 
+def overrides(text: str) -> dict:
+    """`key=value,key=value` as preset settings (values parsed as YAML)."""
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--set {text!r}: expected key=value[,key=value...]")
+    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
+
+
+def finetune_cfg(preset: dict, steps: int, seq_len: int, **settings) -> FinetuneCfg:
+    """The preset with `settings` at the benchmark's steps and length, accumulating to the study's batch."""
+    cfg = {**preset, **settings, "max_steps": steps, "max_seq_len": seq_len, "log_every": 1}
+    cfg.update(warmup_steps=min(cfg["warmup_steps"], steps), grad_accum=STUDY_BATCH // cfg["batch_size"])
+    return FinetuneCfg(**cfg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-3.1-8b", help="a conf/model/ choice with an architecture")
@@ -130,28 +149,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", type=overrides, action="append", default=[], metavar="KEY=VALUE[,...]",
+                        help="also measure the preset with these settings changed (repeatable)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and a .md beside it)")
     args = parser.parse_args()
 
     preset = conf("finetune", args.finetune)
-    preset.update(max_steps=args.steps, max_seq_len=args.seq_len, log_every=1)
-    preset.update(warmup_steps=min(preset["warmup_steps"], args.steps), grad_accum=STUDY_BATCH // preset["batch_size"])
-    cfg = FinetuneCfg(**preset)
+    cfg = finetune_cfg(preset, args.steps, args.seq_len)
+    tried = {"quantorder": cfg} | {
+        "quantorder[" + ",".join(f"{k}={v}" for k, v in changed.items()) + "]": finetune_cfg(
+            preset, args.steps, args.seq_len, **changed
+        )
+        for changed in args.set
+    }
     micro_batches = cfg.grad_accum
     device = resolve_device("auto")
     arch, tokenizer = architecture_and_tokenizer(args.model)
     pool = windows(tokenizer, STUDY_BATCH * args.steps, args.seq_len)
-    # quantorder's loop draws micro-batches in its seeded order; the baseline gets the same examples in that order
+    # quantorder's loop draws micro-batches in its seeded order (the same examples in the same order
+    # for any micro-batch size: it cuts one shuffled epoch); the baseline gets them in that order
     order = batch_order(len(pool), cfg.batch_size, args.seed, args.steps * micro_batches)
     in_order = [pool[i] for batch in order for i in batch]
 
     results = {}
-    for name in ("baseline", "quantorder"):
+    for name in ("baseline", *tried):
         model, _, _ = model_with_tokenizer(args.model, device, args.seed)
         if name == "baseline":
             run = run_baseline(model, in_order, cfg, args.steps, args.seed)
         else:
-            run = run_quantorder(model, pool, cfg, args.seed)
+            run = run_quantorder(model, pool, tried[name], args.seed)
         tokens_per_s = steady_tokens_per_s(run["step_times"], STUDY_BATCH * args.seq_len)
         flops = flops_per_token(run.pop("model"), arch, args.seq_len)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name(device)), None)
@@ -161,14 +187,19 @@ def main() -> None:
             "peak_mem_gib": round(run["peak_mem_bytes"] / 2**30, 2),
             "losses": [round(x, 4) for x in run["losses"]],
         }
-        print(f"{name}: {results[name]['tokens_per_s']:.0f} tok/s, peak {results[name]['peak_mem_gib']} GiB, "
-              f"losses {results[name]['losses'][:3]} ... {results[name]['losses'][-1]}", flush=True)  # fmt: skip
+        if name != "baseline":
+            base = results["baseline"]
+            results[name]["speedup"] = round(tokens_per_s / base["tokens_per_s"], 3)
+            results[name]["max_loss_gap"] = round(max(abs(a - b) for a, b in zip(base["losses"], run["losses"])), 4)
+        r = results[name]
+        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, MFU {r['mfu']}, peak {r['peak_mem_gib']} GiB, "
+              f"losses {r['losses'][:3]} ... {r['losses'][-1]}", flush=True)  # fmt: skip
         del model, run
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    base, ours = results["baseline"], results["quantorder"]
+    ours = results["quantorder"]
     summary = {
         "device": device_name(device),
         "model_shape": args.model,
@@ -176,13 +207,14 @@ def main() -> None:
         "settings": {
             "baseline": f"Trainer + PEFT, batch {STUDY_BATCH}, gradient checkpointing, SDPA, bf16",
             "quantorder": f"finetune={args.finetune}: batch {cfg.batch_size} x {cfg.grad_accum} accumulation, "
-            f"checkpointing {cfg.grad_checkpointing}, liger_kernel {cfg.liger_kernel}, fused AdamW on CUDA",
+            f"checkpointing {cfg.grad_checkpointing}, liger_kernel {cfg.liger_kernel}, compile {cfg.compile}, "
+            "fused AdamW on CUDA",
             "lora": f"r {cfg.r}, alpha {cfg.alpha}, {', '.join(cfg.target_modules)}",
             "steps": args.steps,
             "seq_len": args.seq_len,
         },
-        "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
-        "max_loss_gap": round(max(abs(a - b) for a, b in zip(base["losses"], ours["losses"])), 4),
+        "speedup": ours["speedup"],
+        "max_loss_gap": ours["max_loss_gap"],
         "runs": results,
         "versions": library_versions(),
     }

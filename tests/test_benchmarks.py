@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from .conftest import ROOT
+from .project import env, make_project
 
 
 def test_finetune_throughput_benchmark_compares_the_same_training(tmp_path):
@@ -144,3 +145,17 @@ def test_variants_benchmark_runs_tinygemm_on_merged_gptq_format_variants_only(mo
     with pytest.raises(SystemExit):
         variants.main()
     assert "--int4-kernel tinygemm: q_ft decode through an adapter; merged variants only" in capsys.readouterr().err
+
+
+def test_dvc_overhead_benchmark_splits_the_wall_time_and_finds_no_second_copy(tmp_path):
+    project, out = make_project(tmp_path / "project"), tmp_path / "dvc.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/dvc_overhead.py"), "-S", "+experiment=tiny", "prepare", "calibrate"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, cwd=project, env=env())
+    result = json.loads(out.read_text())
+    assert set(result["stages_s"]) == {"prepare", "calibrate"} and min(result["stages_s"].values()) > 0.5
+    assert 0 < result["stage_s"] < result["wall_s"]
+    assert abs(result["dvc_s"] + result["stage_s"] - result["wall_s"]) < 0.2
+    weights = (project / "models/base/model.safetensors").stat().st_size
+    assert result["models_bytes"] >= weights > 0 and result["peak_disk_bytes"] >= weights
+    # the outputs are hard links into DVC's cache: the cache holds no second copy of them
+    assert result["cache_not_linked_bytes"] < 0.1 * result["models_bytes"]

@@ -21,11 +21,12 @@ from .conftest import TEMPLATE
 CPU = torch.device("cpu")
 
 
-def _train(model_dir, rows, tmp_path, seed=0, steps=30):
+def _train(model_dir, rows, tmp_path, seed=0, steps=30, **settings):
     """Train on 8 examples; return the model, the result (val loss on the same 8), the log, the loss before."""
     cfg = FinetuneCfg(
-        r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=steps, warmup_steps=1, max_seq_len=64, log_every=10, dropout=0.0
-    )
+        r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=steps, warmup_steps=1, max_seq_len=64, log_every=10,
+        dropout=0.0, **settings,
+    )  # fmt: skip
     tok = load_tokenizer(model_dir)
     train = setup_data(tok, rows[:8], TEMPLATE, cfg.max_seq_len)
     model = setup_model(load_model(model_dir, "float32", CPU), cfg, seed)
@@ -50,6 +51,19 @@ def test_same_seed_same_losses(tiny_dir, qa_rows, tmp_path):
     _, _, a, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6)
     _, _, b, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_compiled_layers_train_as_eager_ones(tiny_dir, qa_rows, tmp_path, capsys):
+    eager, _, a, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6)
+    compiled, _, b, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6, compile=True)
+    assert "compiled 2 decoder layers" in capsys.readouterr().out
+    layers = compiled.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    # the same arithmetic, fused: losses and adapter weights agree to float32 rounding
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("base", ["rtn_dir", "awq_dir"])

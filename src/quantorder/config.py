@@ -434,6 +434,9 @@ class FinetuneCfg:
     # Liger's Triton kernels on CUDA (RMSNorm, SwiGLU, RoPE, and a cross-entropy fused with the
     # output layer, so the vocabulary-wide logits are never materialized); no effect on a CPU
     liger_kernel: bool = False
+    # torch.compile each decoder layer (regional compilation): fuses LoRA's dropout and scaling with
+    # the norms, activations and residuals; pays off on CUDA, slower than eager on a CPU
+    compile: bool = False
     # data-parallel processes, one per GPU (0: every visible GPU); grad_accum must be a multiple of it
     devices: int = 1
     log_every: int = 10
