@@ -7,7 +7,7 @@ Usage: dvc repro merge@ft   (or python stages/merge.py ft)
 from quantorder.availability import mark_na
 from quantorder.config import load_config
 from quantorder.io import atomic_dir, read_json, write_json
-from quantorder.layout import PROVENANCE_FILE
+from quantorder.layout import PROVENANCE_FILE, SHARD_SIZE
 from quantorder.memory import process_peak_memory
 from quantorder.merge import merge_adapter
 from quantorder.models import copy_tokenizer, is_quantized, resolve_device
@@ -24,7 +24,7 @@ def main() -> str:
         return f"[merge@{name}] n/a: {reason}"
     merged = merge_adapter(base, adapter, cfg.model.dtype, resolve_device(cfg.model.device))
     with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp)
+        merged.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         copy_tokenizer(base, tmp)
         write_json(
             tmp / PROVENANCE_FILE,

@@ -20,6 +20,7 @@ import torch
 from quantorder.config import ModelCfg
 from quantorder.distributed import claim_gpus, is_worker
 from quantorder.errors import UserError
+from quantorder.layout import SHARD_SIZE
 from quantorder.provenance import hash_file
 
 
@@ -146,7 +147,7 @@ def materialize_base(cfg: ModelCfg, out_dir: Path, tokenizer_texts: list[str]) -
         model, tok, source = _random(cfg, dtype, tokenizer_texts)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
     tok.save_pretrained(out_dir)
     source["parameters"] = sum(p.numel() for p in model.parameters())
     return source

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TextIO
 import torch
 
 from quantorder.io import captured_output, read_json, write_json
+from quantorder.layout import SHARD_SIZE
 from quantorder.models import load_pretrained, model_config, torch_dtype
 from quantorder.progress import Progress
 from quantorder.quantize.base import Quantizer
@@ -166,7 +167,7 @@ class GPTQModelQuantizer(Quantizer):
             self.check(model.model)
             with layer_progress(model.model, f"[quantize] {self.name}", console):
                 extra = self.run(model, calibration, out_dir)
-            model.save(str(out_dir))
+            model.save(str(out_dir), max_shard_size=SHARD_SIZE)
         drop_scratch_path(out_dir)
         fused = fuse_split_layers(out_dir)
         return {

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from quantorder.layout import SHARD_SIZE
 from quantorder.models import copy_tokenizer, load_pretrained, torch_dtype
 from quantorder.quantize.base import Quantizer
 
@@ -32,7 +33,7 @@ class QuantizeOnLoad(Quantizer):
             model_dir, dtype=torch_dtype(dtype), quantization_config=self.backend_config(), device_map={"": str(device)}
         )
         self.adjust(model, model_dir, dtype)
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
         copy_tokenizer(model_dir, out_dir)
         return {"backend": self.backend, "backend_version": importlib.metadata.version(self.backend), "dtype": dtype}
 
