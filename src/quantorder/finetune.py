@@ -249,18 +249,21 @@ def train_loop(
         log.writelines(json.dumps(r) + "\n" for r in records)
         for step in range(first_step, cfg.max_steps + 1):
             mine = [next(batches) for _ in range(cfg.grad_accum)][me::world]
-            step_loss, step_tokens = 0.0, 0
+            # the loss adds up on the device (in float64, as Python would): reading it back once a
+            # step, not once a micro-batch, lets the host queue the next micro-batch's kernels early
+            step_loss, step_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
             for j, indices in enumerate(mine):
-                batch = {k: v.to(device) for k, v in pad_batch([train[i] for i in indices], pad_id).items()}
+                batch = pad_batch([train[i] for i in indices], pad_id)
+                step_tokens += int(batch["attention_mask"].sum())
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 # gradients are all-reduced once per step, after this process's last micro-batch
                 sync = world == 1 or j == local_accum - 1
                 with contextlib.nullcontext() if sync else ddp.no_sync():
                     with autocast:
                         loss = ddp(**batch).loss / local_accum
                     loss.backward()
-                step_loss += loss.item() / world
-                step_tokens += int(batch["attention_mask"].sum())
-            step_loss, step_tokens = all_sum([step_loss, step_tokens], device)
+                step_loss += loss.detach().double() / world
+            step_loss, step_tokens = all_sum([step_loss.item(), step_tokens], device)
             tokens, window_tokens = tokens + step_tokens, window_tokens + step_tokens
             if not math.isfinite(step_loss):
                 raise UserError(f"training loss became {step_loss} at step {step}; lower finetune.lr={cfg.lr}")
