@@ -24,8 +24,8 @@ CPU = torch.device("cpu")
 def _train(model_dir, rows, tmp_path, seed=0, steps=30, **settings):
     """Train on 8 examples; return the model, the result (val loss on the same 8), the log, the loss before."""
     cfg = FinetuneCfg(
-        r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=steps, warmup_steps=1, max_seq_len=64, log_every=10,
-        dropout=0.0, **settings,
+        r=8, alpha=16, lr=1e-2, batch_size=4, max_steps=steps, warmup_steps=1, max_seq_len=64,
+        **{"log_every": 10, "dropout": 0.0, **settings},
     )  # fmt: skip
     tok = load_tokenizer(model_dir)
     train = setup_data(tok, rows[:8], TEMPLATE, cfg.max_seq_len)
@@ -54,13 +54,14 @@ def test_same_seed_same_losses(tiny_dir, qa_rows, tmp_path):
 
 
 def test_compiled_layers_train_as_eager_ones(tiny_dir, qa_rows, tmp_path, capsys):
-    eager, _, a, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6)
-    compiled, _, b, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6, compile=True)
+    eager, _, a, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6, dropout=0.1, log_every=1)
+    compiled, _, b, _ = _train(tiny_dir, qa_rows, tmp_path, steps=6, dropout=0.1, log_every=1, compile=True)
     assert "compiled 2 decoder layers" in capsys.readouterr().out
     layers = compiled.get_base_model().model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
-    # the same arithmetic, fused: losses and adapter weights agree to float32 rounding
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    # the same dropout masks and arithmetic, fused: losses and adapter weights agree to float32
+    # rounding (Inductor's own dropout masks would move the losses by 1e-4)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)

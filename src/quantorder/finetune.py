@@ -76,6 +76,11 @@ def compile_layers(model) -> int:
     """torch.compile every decoder layer of `model` in place, as torchtune's recipes do: the layers
     share one compiled graph, compiled in seconds where the whole model takes minutes. Returns how
     many layers were compiled."""
+    import torch._inductor.config
+
+    # dropout masks from PyTorch's generator, as in eager mode (and in transformers' Trainer), not
+    # from Inductor's own: the same seed trains the same adapter, compiled or not
+    torch._inductor.config.fallback_random = True
     names = set(getattr(model, "_no_split_modules", None) or [])  # transformers' decoder-layer classes
     layers = [m for m in model.modules() if type(m).__name__ in names]
     for layer in layers:
