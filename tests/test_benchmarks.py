@@ -159,3 +159,14 @@ def test_dvc_overhead_benchmark_splits_the_wall_time_and_finds_no_second_copy(tm
     assert result["models_bytes"] >= weights > 0 and result["peak_disk_bytes"] >= weights
     # the outputs are hard links into DVC's cache: the cache holds no second copy of them
     assert result["cache_not_linked_bytes"] < 0.1 * result["models_bytes"]
+
+
+def test_dvc_hashing_benchmark_times_each_case(tmp_path):
+    out = tmp_path / "hashing.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/dvc_hashing.py"), "--gb", "0.25", "--shard-mb", "64"]
+    subprocess.run([*cmd, "--repeats", "1", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    cases = ["one file, checksum_jobs default", "4 shards, checksum_jobs default"]
+    cases += ["one file, checksum_jobs 16", "4 shards, checksum_jobs 16"]  # the project's .dvc/config
+    assert sorted(result["dvc_seconds"]) == sorted(cases) and min(result["dvc_seconds"].values()) > 0
+    assert result["speedup_vs_one_file_default"][cases[0]] == 1.0
