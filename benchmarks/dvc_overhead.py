@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="a `dvc exp run -S` override")
     parser.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
+    parser.add_argument("--force", action="store_true", help="rerun stages whose inputs did not change")
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "dvc-overhead.log",
                         help="where dvc's output goes")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -92,7 +93,8 @@ def main() -> None:
         shim.write_text(SHIM.format(python=sys.executable, log=shim_log))
         shim.chmod(0o755)
         env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}"}
-        cmd = ["dvc", "exp", "run", *(a for o in args.overrides for a in ("-S", o)), *args.targets]
+        cmd = ["dvc", "exp", "run", *(["--force"] if args.force else [])]
+        cmd += [*(a for o in args.overrides for a in ("-S", o)), *args.targets]
         disk = DiskPeak(Path.cwd())
         disk.start()
         start = time.perf_counter()

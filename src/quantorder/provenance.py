@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -65,12 +66,12 @@ def hash_dir(path: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".gg
     Provenance files (`quantorder.json`) are excluded so that a hash never covers itself.
     """
     root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes and p.name != PROVENANCE_FILE)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
-        if f.name == PROVENANCE_FILE:
-            continue
-        h.update(str(f.relative_to(root)).encode())
-        h.update(hash_file(f).encode())
+    with ThreadPoolExecutor(max_workers=16) as pool:  # hashlib frees the GIL: a model's shards at once
+        for f, digest in zip(files, pool.map(hash_file, files)):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(digest.encode())
     return h.hexdigest()
 
 
