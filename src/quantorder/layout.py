@@ -17,5 +17,6 @@ REPORTS_DIR = Path("reports")
 CHECKPOINTS_DIR = Path("checkpoints")  # not a DVC output: it must outlive a killed stage
 PROVENANCE_FILE = "quantorder.json"  # written into every model/adapter dir this project makes
 # Model weights go into safetensors shards of at most this size: DVC hashes the large files of a
-# directory output in parallel threads (up to 16), but a single file on one core (about 0.8 GB/s)
+# directory output in parallel (`core.checksum_jobs` threads, .dvc/config), a single file on one
+# core at about 0.8 GB/s
 SHARD_SIZE = "1GB"
