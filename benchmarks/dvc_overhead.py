@@ -7,7 +7,8 @@ processes are timed by a `python` shim put first on PATH (DVC starts every stage
 stages/...`), so their time includes starting Python, imports and loading models. A thread samples
 the file system's used bytes every second: the peak over the start is the pipeline's peak disk use
 (models, cache, temporary files; hard links counted once). At the end, `du` tells how much of
-`.dvc/cache` is not a link to a file in `models/` or `data/` (a second copy).
+`.dvc/cache` is not a link to a file in `models/` or `data/`: in a fresh clone, a second copy of an
+output; in one with history, also the outputs of other experiments, which the cache keeps.
 
     python benchmarks/dvc_overhead.py -S +experiment=olive-phi35 -S model.source=random \\
         -S data=sympy-qa -S calib=sympy-docs -S algo=rtn -S finetune.max_steps=10 \\
@@ -118,11 +119,11 @@ def main() -> None:
         "peak_disk_bytes": peak_disk,
         "models_bytes": models,
         "data_bytes": data,
-        "cache_not_linked_bytes": cache_extra,
+        "cache_beyond_workspace_bytes": cache_extra,
         "stages_s": {name: round(s, 1) for name, s in sorted(stages.items())},
         "versions": library_versions(),
     }
-    headline = ("device", "wall_s", "dvc_share", "peak_disk_bytes", "models_bytes", "cache_not_linked_bytes")
+    headline = ("device", "wall_s", "dvc_share", "peak_disk_bytes", "models_bytes", "cache_beyond_workspace_bytes")
     publish(result, headline, args.out)
 
 
