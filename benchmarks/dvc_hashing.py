@@ -2,12 +2,12 @@
 hashing threads against the project's `core.checksum_jobs`.
 
 In a scratch DVC repo with the project's `.dvc/config` (the cache link type; `checksum_jobs` dropped
-for the default), one stage writes `--gb` GB of random bytes into a directory, as one file or in
+for the default), one stage writes `--gb` GiB of random bytes into a directory, as one file or in
 shards. The time DVC adds is `dvc repro`'s wall time less the stage command's own (printed by it):
 hashing the output (md5) and linking it into the cache. Printed as ratios against the default (one
 file, DVC's default threads: max(1, min(4, cores // 2))).
 
-    python benchmarks/dvc_hashing.py --gb 8 --out benchmarks/results/dvc-hashing-cpu.json
+    python benchmarks/dvc_hashing.py --gb 8 --out benchmarks/results/dvc-hashing-cpu-2core.json
 """
 
 from __future__ import annotations

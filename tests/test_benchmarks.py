@@ -169,4 +169,3 @@ def test_dvc_hashing_benchmark_times_each_case(tmp_path):
     cases = ["one file, checksum_jobs default", "4 shards, checksum_jobs default"]
     cases += ["one file, checksum_jobs 16", "4 shards, checksum_jobs 16"]  # the project's .dvc/config
     assert sorted(result["dvc_seconds"]) == sorted(cases) and min(result["dvc_seconds"].values()) > 0
-    assert result["speedup_vs_one_file_default"][cases[0]] == 1.0
