@@ -14,12 +14,15 @@ from .project import env, make_project
 def test_finetune_throughput_benchmark_compares_the_same_training(tmp_path):
     out = tmp_path / "finetune.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/finetune_throughput.py"), "--model", "tiny", "--steps", "4"]
-    subprocess.run([*cmd, "--seq-len", "32", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    args = ["--seq-len", "32", "--set", "batch_size=8", "--out", str(out)]
+    subprocess.run([*cmd, *args], check=True, capture_output=True, cwd=tmp_path)
     result = json.loads(out.read_text())
     base, ours = result["runs"]["baseline"], result["runs"]["quantorder"]
     assert len(base["losses"]) == len(ours["losses"]) == 4
-    # same init, same examples in the same order, same effective batch: the same loss curve on a CPU
+    # same init, same examples in the same order, same effective batch: the same loss curve on a CPU,
+    # also in micro-batches of 8 (x 2 accumulation) instead of the preset's 4 x 4
     assert result["max_loss_gap"] < 1e-3 and base["losses"][0] > 5.0
+    assert result["runs"]["quantorder[batch_size=8]"]["max_loss_gap"] < 1e-3
     assert base["tokens_per_s"] > 0 and ours["tokens_per_s"] > 0 and result["speedup"] > 0
     assert result["flops_per_token"] > 4 * 100_000  # 4 x the tiny model's linear weights, at least
 
