@@ -17,6 +17,8 @@ attention (forward 2, backward 4); recomputation by checkpointing is not useful 
 
 `--set compile=true,batch_size=2` (repeatable) also measures the preset with those settings changed,
 against the same baseline: each set is one more run, `quantorder[compile=true,batch_size=2]`.
+`--profile` runs quantorder's configurations under torch.profiler instead (no baseline, no JSON) and
+prints the operators that took the most device time (CPU time on a CPU).
 """
 
 from __future__ import annotations
@@ -127,6 +129,17 @@ def run_quantorder(model, train: list[Example], cfg: FinetuneCfg, seed: int) -> 
     }
 
 
+def profile(model, train: list[Example], cfg: FinetuneCfg, seed: int, rows: int = 20) -> str:
+    """The `rows` operators with the most self time (CUDA if used, else CPU) over a run of `cfg`."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        run_quantorder(model, train, cfg, seed)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+
+
 def overrides(text: str) -> dict:
     """`key=value,key=value` as preset settings (values parsed as YAML)."""
     pairs = [item.split("=", 1) for item in text.split(",")]
@@ -151,6 +164,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", type=overrides, action="append", default=[], metavar="KEY=VALUE[,...]",
                         help="also measure the preset with these settings changed (repeatable)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="profile quantorder's runs instead of timing them")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and a .md beside it)")
     args = parser.parse_args()
 
@@ -170,6 +184,14 @@ def main() -> None:
     # for any micro-batch size: it cuts one shuffled epoch); the baseline gets them in that order
     order = batch_order(len(pool), cfg.batch_size, args.seed, args.steps * micro_batches)
     in_order = [pool[i] for batch in order for i in batch]
+
+    if args.profile:
+        for name, run_cfg in tried.items():
+            model, _, _ = model_with_tokenizer(args.model, device, args.seed)
+            print(f"{name}:\n{profile(model, pool, run_cfg, args.seed)}", flush=True)
+            del model
+            gc.collect()
+        return
 
     results = {}
     # Liger patches transformers' model classes for the rest of the process: the runs that patch

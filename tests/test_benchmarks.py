@@ -27,6 +27,14 @@ def test_finetune_throughput_benchmark_compares_the_same_training(tmp_path):
     assert result["flops_per_token"] > 4 * 100_000  # 4 x the tiny model's linear weights, at least
 
 
+def test_finetune_throughput_benchmark_profiles_the_preset(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks/finetune_throughput.py"), "--model", "tiny", "--steps", "2"]
+    cmd += ["--seq-len", "32", "--profile"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path)
+    table = out.stdout.split("quantorder:\n", 1)[1]
+    assert "Self CPU" in table and "aten::mm" in table and "baseline" not in out.stdout
+
+
 def test_eval_throughput_benchmark_matches_the_naive_loop(tmp_path):
     out = tmp_path / "eval.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/eval_throughput.py"), "--model", "tiny", "--n", "12"]
