@@ -122,5 +122,5 @@ class AWQQuantizer(GPTQModelQuantizer):
 
     def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
         with awq_search(self.cfg.duo_scaling, self.cfg.clip) as searched:
-            model.quantize(calibration, batch_size=self.cfg.batch_size)
+            super().run(model, calibration, out_dir)
         return {"searched_scales": save_scales(searched, out_dir)}

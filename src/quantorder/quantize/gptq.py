@@ -17,7 +17,6 @@ layer's Hessian, quantizes it, and packs the result in the GPTQ checkpoint forma
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from quantorder.quantize.gptqmodel_backend import GPTQModelQuantizer
@@ -43,7 +42,3 @@ class GPTQQuantizer(GPTQModelQuantizer):
             true_sequential=c.true_sequential,
             dynamic=c.dynamic or None,
         )
-
-    def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
-        model.quantize(calibration, batch_size=self.cfg.batch_size)
-        return {}

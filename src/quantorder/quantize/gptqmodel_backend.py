@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TextIO
 
 import torch
 
+from quantorder.config import CalibratedCfg
 from quantorder.io import captured_output, read_json, write_json
 from quantorder.layout import SHARD_SIZE
 from quantorder.models import load_pretrained, model_config, torch_dtype
@@ -146,7 +147,9 @@ class GPTQModelQuantizer(Quantizer):
 
     def run(self, model: Any, calibration: list[dict[str, Any]] | None, out_dir: Path) -> dict:
         """Quantize the loaded GPTQModel model in place; return extra records (files go in `out_dir`)."""
-        model.quantize(calibration)
+        # calibration samples per forward pass: the method's setting where it calibrates (gptq, awq)
+        batch_size = self.cfg.batch_size if isinstance(self.cfg, CalibratedCfg) else 1
+        model.quantize(calibration, batch_size=batch_size)
         return {}
 
     def quantize(self, model_dir: Path, calibration: list[dict[str, Any]] | None, out_dir: Path, dtype: str) -> dict:
