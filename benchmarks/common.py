@@ -4,6 +4,9 @@ architecture with a tokenizer trained on the embedded SymPy Q&A text."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -57,3 +60,9 @@ def publish(result: dict, headline: tuple[str, ...], out: Path | None) -> None:
     print(json.dumps({k: result[k] for k in headline}))
     if out:
         write_json(out, result)
+
+
+def dvc(*args: str, cwd: Path | None = None) -> str:
+    """The output of `dvc <args>` run in `cwd` (default: here), with this environment's DVC."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["dvc", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout

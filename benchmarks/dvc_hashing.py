@@ -17,12 +17,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, publish
+from common import ROOT, dvc, publish
 
 from quantorder.provenance import library_versions
 
@@ -38,18 +37,13 @@ print(f"command {time.perf_counter() - start:.3f}s")
 """
 
 
-def dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(["dvc", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
-
-
 def dvc_seconds(repo: Path, files: int, size: int) -> float:
     """Seconds `dvc repro` adds to the stage command writing `size` bytes in `files` files."""
     (repo / "dvc.yaml").write_text(f"stages:\n  write:\n    cmd: python write.py {files} {size}\n    outs: [out]\n")
     shutil.rmtree(repo / "out", ignore_errors=True)
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
     start = time.perf_counter()
-    log = dvc(repo, "repro", "-f")
+    log = dvc("repro", "-f", cwd=repo)
     wall = time.perf_counter() - start
     return wall - float(re.search(r"command ([0-9.]+)s", log).group(1))
 
@@ -64,19 +58,19 @@ def main() -> None:
 
     size = int(args.gb * 2**30)
     shards = max(2, size // (args.shard_mb * 2**20))
-    jobs = dvc(ROOT, "config", "core.checksum_jobs").strip()
+    jobs = dvc("config", "core.checksum_jobs", cwd=ROOT).strip()
     results = {}
     with tempfile.TemporaryDirectory(dir=ROOT) as scratch:  # on the project's file system
         repo = Path(scratch)
         subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-        dvc(repo, "init", "-q")
+        dvc("init", "-q", cwd=repo)
         shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
         (repo / "write.py").write_text(WRITER)
         for threads in ("default", jobs):
             if threads == "default":
-                dvc(repo, "config", "--unset", "core.checksum_jobs")
+                dvc("config", "--unset", "core.checksum_jobs", cwd=repo)
             else:
-                dvc(repo, "config", "core.checksum_jobs", jobs)
+                dvc("config", "core.checksum_jobs", jobs, cwd=repo)
             for files in (1, shards):
                 name = f"{'one file' if files == 1 else f'{files} shards'}, checksum_jobs {threads}"
                 results[name] = round(min(dvc_seconds(repo, files, size) for _ in range(args.repeats)), 2)

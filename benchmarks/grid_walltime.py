@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import time
 from pathlib import Path
 
-from common import publish
+from common import dvc, publish
 
 from quantorder.models import resolve_device
 from quantorder.provenance import device_name
 from quantorder.stage import stage_times
 from quantorder.variants import VARIANTS
-
-
-def dvc(*args: str) -> str:
-    return subprocess.run(["dvc", *args], check=True, capture_output=True, text=True).stdout
 
 
 def queue_tasks() -> list[list[str]]:
