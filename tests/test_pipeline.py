@@ -9,11 +9,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from quantorder.stage import stage_times
 from quantorder.variants import FINETUNES, VARIANTS
 
 from .conftest import ROOT
-from .project import env, executed, make_project, run
+from .project import env, executed, free_port, make_project, run, wait_until_up
 
 pytestmark = pytest.mark.slow
 LOFTQ = "qlora.init=loftq"
@@ -232,24 +230,6 @@ def test_variants_benchmark_runs_on_the_finished_pipeline(project, tmp_path):
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, timeout_s: float = 90) -> None:
-    """Wait until the MLflow server started as `server` answers at `url`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            return
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def ui(project):
     """What the README tells a user to run: `quantorder ui --run NAME` on the project's store (one
@@ -266,13 +246,13 @@ def ui(project):
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("quantorder").experiment_id])
     name = next(r.info.run_name for r in runs if r.data.tags.get("kind") == "experiment")
-    cmd = [sys.executable, "-m", "quantorder", "ui", "--port", str(_free_port()), "--run", name]
+    cmd = [sys.executable, "-m", "quantorder", "ui", "--port", str(free_port()), "--run", name]
     server = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = server.stdout.readline()
         assert line.startswith("open http://127.0.0.1:"), line
         page = line.split()[1]
-        _wait_until_up(page.split("/#/")[0], server)
+        wait_until_up(page.split("/#/")[0], server)
         yield page, name, client
     finally:
         os.killpg(server.pid, signal.SIGTERM)

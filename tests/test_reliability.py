@@ -114,17 +114,21 @@ def _rerun(project: Path) -> str:
     return run(["dvc", "repro", *TARGETS], project)
 
 
-def test_killed_finetune_resumes_from_its_checkpoint_and_ends_identical(clean, tmp_path):
+def test_killed_finetune_resumes_from_its_checkpoint_and_ends_identical(clean, tmp_path, monkeypatch):
+    # checkpoints outside the workspace, as `quantorder grid --checkpoints` puts them on shared storage
+    shared = tmp_path / "shared-checkpoints"
+    monkeypatch.setenv("QUANTORDER_CHECKPOINTS", str(shared))
+    checkpoint = shared / CHECKPOINT.relative_to("checkpoints")
     project = _copy(clean, tmp_path)
-    _kill_during(project, "finetune@ft", lambda: (project / CHECKPOINT).is_file(), tmp_path / "log")
+    _kill_during(project, "finetune@ft", checkpoint.is_file, tmp_path / "log")
     assert not (project / "models/adapters/ft").exists()  # nothing a later run could mistake for an adapter
-    killed_at = torch.load(project / CHECKPOINT, weights_only=False)["step"]
-    assert 3 <= killed_at < 12
+    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    assert 3 <= killed_at < 12 and not (project / CHECKPOINT).exists()
 
     log = run(["dvc", "repro", "finetune@ft"], project)  # identical weights make identical numbers downstream
     assert "finetune@ft" in executed(log)
     assert f"resuming after step {killed_at}" in log
-    assert not (project / CHECKPOINT).exists()
+    assert not checkpoint.exists()
     resumed, undisturbed = _outputs(project), _outputs(clean)
     _same(*({k: run[k] for k in ("weights", "loss", "log")} for run in (resumed, undisturbed)))
 

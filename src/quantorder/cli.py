@@ -1,10 +1,11 @@
-"""The `quantorder` command: compose, validate, compare, ui. (Stages run through quantorder.stage.)"""
+"""The `quantorder` command: compose, validate, compare, ui, grid. (Stages run through quantorder.stage.)"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -96,6 +97,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--run", dest="experiment_run", help="DVC experiment (MLflow parent run) to show; default: latest")
+    p = sub.add_parser("grid", help="run a grid of experiments as tasks on a Ray cluster (docs/cluster.md)")
+    p.add_argument("--ray", default="auto", metavar="ADDRESS", help="the cluster: auto, host:port, or local")
+    p.add_argument(
+        "-S",
+        "--set-param",
+        dest="sweeps",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="Hydra override or sweep, as dvc exp run -S (e.g. 'algo=rtn,gptq,awq'; repeatable)",
+    )
+    p.add_argument("--git-remote", default="origin", help="git remote (name or URL) that gets the experiments")
+    p.add_argument("--dvc-remote", help="DVC remote (name or URL) for outputs and run-cache; default: the default one")
+    p.add_argument("--mlflow", metavar="URL", help="MLflow tracking server for every run (sets tracking.uri)")
+    p.add_argument("--name", help="experiment name prefix (default grid-<commit>)")
+    p.add_argument(
+        "--workdir",
+        default=str(Path(tempfile.gettempdir()) / "quantorder-grid"),
+        help="where each host clones the project for a task",
+    )
+    p.add_argument(
+        "--checkpoints",
+        help="shared folder for fine-tuning checkpoints, so a retry on any host resumes "
+        "(default: <workdir>/checkpoints on each host)",
+    )
+    p.add_argument("--retries", type=int, default=2, help="retries of a task whose worker died")
+    p.add_argument("--cpus", type=float, default=1, help="CPUs each task reserves")
+    p.add_argument("--summary", type=Path, help="write each task's node, stages run and error here (JSON)")
     args = parser.parse_args(argv)
     try:
         if args.command == "compose":
@@ -103,6 +132,24 @@ def main(argv: list[str] | None = None) -> None:
             print("wrote params.yaml")
         elif args.command == "compare":
             compare(args.out, mlflow=not args.no_mlflow, exp_show=args.exp_show)
+        elif args.command == "grid":
+            from quantorder.grid import run_grid
+
+            sys.exit(
+                run_grid(
+                    args.ray,
+                    args.sweeps,
+                    args.git_remote,
+                    args.dvc_remote,
+                    args.mlflow,
+                    args.name,
+                    args.workdir,
+                    args.checkpoints,
+                    args.retries,
+                    args.cpus,
+                    args.summary,
+                )  # fmt: skip
+            )
         elif args.command == "ui":
             ui(args.host, args.port, args.experiment_run)
         else:

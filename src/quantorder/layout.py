@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 BASE_DIR = Path("models/base")
@@ -14,7 +15,8 @@ EVAL_DIR = Path("metrics/eval")
 SUMMARY_FILE = Path("metrics/summary.json")
 PLOTS_DIR = Path("metrics/plots")
 REPORTS_DIR = Path("reports")
-CHECKPOINTS_DIR = Path("checkpoints")  # not a DVC output: it must outlive a killed stage
+# not a DVC output: it must outlive a killed stage (`quantorder grid` points it at shared storage)
+CHECKPOINTS_DIR = Path(os.environ.get("QUANTORDER_CHECKPOINTS", "checkpoints"))
 PROVENANCE_FILE = "quantorder.json"  # written into every model/adapter dir this project makes
 # Model weights go into safetensors shards of at most this size: DVC hashes the large files of a
 # directory output in parallel (`core.checksum_jobs` threads, .dvc/config), a single file on one
