@@ -28,7 +28,7 @@ repro: install
 
 test: install
 	# two workers, one thread each: the end-to-end modules run side by side, without oversubscribing the cores
-	OMP_NUM_THREADS=1 pytest -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	ruff check src stages tests benchmarks scripts

@@ -41,6 +41,8 @@ class Task:
 
 @dataclass(frozen=True)
 class Remotes:
+    """What every task shares: the commit it runs and the places it reads from and writes to."""
+
     commit: str
     git_url: str
     dvc_url: str
@@ -75,6 +77,7 @@ def experiment_names(prefix: str, grid: list[tuple[str, ...]]) -> list[str]:
 
 
 def _value(params: dict, key: str) -> Any:
+    """The value of a dotted params key (`model.dtype`), None where it is missing."""
     for part in key.split("."):
         params = params.get(part) if isinstance(params, dict) else None
     return params
@@ -213,18 +216,17 @@ def resolve_remotes(
     Raises:
         UserError: uncommitted changes, a commit the git remote lacks, or no DVC remote.
     """
+    from dvc.repo import Repo
+
     if changed := _git("status", "--porcelain", "--untracked-files=no", cwd=root):
-        raise UserError(
-            f"uncommitted changes ({changed.splitlines()[0].strip()} ...): the grid runs a commit: commit, push"
-        )
+        first = changed.splitlines()[0].strip()
+        raise UserError(f"uncommitted changes ({first} ...): the grid runs the last commit; commit and push first")
     commit = _git("rev-parse", "HEAD", cwd=root)
     git_names = dict(line.split()[:2] for line in _git("remote", "-v", cwd=root).splitlines())
     git_url = _remote_url(git_remote, git_names)
     tips = {line.split()[0] for line in _git("ls-remote", git_url, cwd=root).splitlines()}
     if commit not in tips:
         raise UserError(f"commit {commit[:8]} is no branch or tag of git remote {git_remote}: push it first")
-    from dvc.repo import Repo
-
     with Repo(str(root)) as repo:
         dvc_names = {name: remote["url"] for name, remote in repo.config["remote"].items()}
         dvc_remote = dvc_remote or repo.config["core"].get("remote")
@@ -275,15 +277,21 @@ def gpus_per_task(params: dict, node_gpus: list[float]) -> float:
 
 @dataclass
 class Progress:
-    """Every finished task: experiments and shared stage sets, done or failed."""
+    """Every finished task (experiments and shared stage sets), done or failed."""
 
-    experiments: int
+    names: set[str]  # the experiments'
     done: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def line(self, names: set[str]) -> str:
-        done, failed = len(names & self.done.keys()), len(names & self.failed.keys())
-        return f"{done} done, {self.experiments - done - failed} running or waiting, {failed} failed"
+    def line(self) -> str:
+        done, failed = len(self.names & self.done.keys()), len(self.names & self.failed.keys())
+        return f"{done} done, {len(self.names) - done - failed} running or waiting, {failed} failed"
+
+    def record(self, task: Task) -> dict:
+        """The task with its outcome: node, stages run and seconds, or its error."""
+        if task.name in self.done:
+            return {**asdict(task), "status": "done", **self.done[task.name]}
+        return {**asdict(task), "status": "failed", "error": self.failed.get(task.name)}
 
 
 def run_grid(
@@ -310,44 +318,52 @@ def run_grid(
         raise UserError(
             f"--ray {address}: no Ray cluster found; start one with `ray start --head` or pass --ray local"
         ) from e
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    node_gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]]
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    gpus = [n["Resources"].get("GPU", 0) for n in nodes]
     remote = ray.remote(max_retries=retries, retry_exceptions=False, num_cpus=cpus)(run_task)
     pending: dict[Any, Task] = {}
-    shared_refs: list[Any] = []
-    for task in shared:
-        gpus = max(gpus_per_task(params[i], node_gpus) for i in task.members)
-        needs = [shared_refs[k] for k in task.needs]
-        shared_refs.append(remote.options(name=task.name, num_gpus=gpus).remote(task, remotes, *needs))
-        pending[shared_refs[-1]] = task
+    for task in shared:  # in order: a shared task only needs earlier ones
+        needs = [ref for ref, t in pending.items() if shared.index(t) in task.needs]
+        asks = max(gpus_per_task(params[i], gpus) for i in task.members)
+        pending[remote.options(name=task.name, num_gpus=asks).remote(task, remotes, *needs)] = task
+    shared_refs = list(pending)
     for i, task in enumerate(experiments):
-        needs = [ref for ref, s in zip(shared_refs, shared) if i in s.members]
-        gpus = gpus_per_task(params[i], node_gpus)
-        pending[remote.options(name=task.name, num_gpus=gpus).remote(task, remotes, *needs)] = task
+        needs = [ref for ref, t in zip(shared_refs, shared) if i in t.members]
+        asks = gpus_per_task(params[i], gpus)
+        pending[remote.options(name=task.name, num_gpus=asks).remote(task, remotes, *needs)] = task
     print(f"[grid] {len(experiments)} experiments and {len(shared)} sets of shared stages from commit "
           f"{remotes.commit[:8]} on {len(nodes)} Ray nodes", flush=True)  # fmt: skip
-    progress, start = Progress(len(experiments)), time.perf_counter()
+    start = time.perf_counter()
+    progress = watch(pending, set(names))
+    if summary:
+        from quantorder.io import write_text
+
+        record = {
+            "commit": remotes.commit,
+            "nodes": [n["NodeID"] for n in nodes],
+            "wall_s": round(time.perf_counter() - start, 1),
+            "experiments": [progress.record(t) for t in experiments],
+            "shared": [progress.record(t) for t in shared],
+        }
+        write_text(summary, json.dumps(record, indent=1))
+    print(f"[grid] {progress.line()}; `dvc exp pull origin` brings them to any clone", flush=True)
+    return 1 if progress.names & progress.failed.keys() else 0
+
+
+def watch(pending: dict[Any, Task], names: set[str]) -> Progress:
+    """Wait for every task, printing each one's end with the experiments' tally."""
+    import ray
+
+    progress = Progress(names)
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         task = pending.pop(ref)
         try:
             result = progress.done[task.name] = ray.get(ref)
             outcome = f"done on node {result['node'][:8]} in {result['seconds']:.0f} s, {len(result['ran'])} stages run"
-        except ray.exceptions.RayError as e:
+        except ray.exceptions.RayError as e:  # a failed task, or one whose worker died past its retries
             cause = getattr(e, "cause", None)
             message = str(cause) if isinstance(cause, GridTaskError) else " ".join(str(e).split())[:500]
             outcome = f"FAILED: {progress.failed.setdefault(task.name, message)}"
-        print(f"[grid] {task.name}: {outcome} | {progress.line(set(names))}", flush=True)
-    if summary:
-        from quantorder.io import write_text
-
-        def record(task: Task) -> dict:
-            state = {"status": "done", **progress.done[task.name]} if task.name in progress.done else {}
-            return {**asdict(task), **(state or {"status": "failed", "error": progress.failed.get(task.name)})}
-
-        write_text(summary, json.dumps({
-            "commit": remotes.commit, "nodes": nodes, "wall_s": round(time.perf_counter() - start, 1),
-            "experiments": [record(t) for t in experiments], "shared": [record(t) for t in shared],
-        }, indent=1))  # fmt: skip
-    print(f"[grid] {progress.line(set(names))}; `dvc exp pull origin` brings them to any clone", flush=True)
-    return 1 if set(names) & progress.failed.keys() else 0
+        print(f"[grid] {task.name}: {outcome} | {progress.line()}", flush=True)
+    return progress
