@@ -98,9 +98,12 @@ def test_runs_left_open_by_a_killed_report_are_removed_when_it_is_logged_again(t
     killed = client.create_run(experiment.experiment_id, run_name="workspace", tags={"kind": "experiment"})
     client.create_run(experiment.experiment_id, tags={"mlflow.parentRunId": killed.info.run_id, "kind": "variant"})
     someone_elses = client.create_run(experiment.experiment_id, run_name="notebook")  # open, not a report's
+    # another experiment's report, logging at this moment from another clone (quantorder grid)
+    concurrent = client.create_run(experiment.experiment_id, run_name="g-algo-nf4", tags={"kind": "experiment"})
     assert log_experiment(TrackingCfg(), params, {"ppl": {"ft": 10.0}}, variants, []) is not None
     runs = mlflow.search_runs(experiment_names=["quantorder"])
-    reports = runs[runs["run_id"] != someone_elses.info.run_id]
+    reports = runs[~runs["run_id"].isin([someone_elses.info.run_id, concurrent.info.run_id])]
     assert (reports["status"] == "FINISHED").all() and len(reports) == (1 + 1) + (1 + len(VARIANTS))
     assert client.get_run(killed.info.run_id).info.lifecycle_stage == "deleted"
     assert client.get_run(someone_elses.info.run_id).info.lifecycle_stage == "active"
+    assert client.get_run(concurrent.info.run_id).info.lifecycle_stage == "active"

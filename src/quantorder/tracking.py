@@ -78,10 +78,10 @@ def log_experiment(
             if experiment
             else mlflow.create_experiment(cfg.experiment, artifact_location=(root / "mlartifacts").as_uri())
         )
-        _delete_killed(experiment_id)
+        name = run_name()
+        _delete_killed(experiment_id, name)
         if len(mlflow.search_runs([experiment_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}'")):
             return None  # e.g. a run-cache restore of results already logged under another name
-        name = run_name()
         started: list[str] = []
         try:
             with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={"kind": "experiment"}) as parent:
@@ -111,16 +111,16 @@ def log_experiment(
         return started[0]
 
 
-def _delete_killed(experiment_id: str) -> None:
-    """Delete report runs still open: a report holds the store lock while its runs are open, so these
-    are what a killed `report` left (its result counts as not logged and is logged again). Runs
-    that others log in the same MLflow experiment are left alone."""
+def _delete_killed(experiment_id: str, name: str) -> None:
+    """Delete runs of experiment `name` still open, with their nested runs: what a killed `report`
+    of it left (its result counts as not logged and is logged again). Other experiments' runs are
+    left alone: they may be logging right now, from other clones or hosts (`quantorder grid`), which
+    the store lock does not reach."""
     import mlflow
 
-    for kind in ("experiment", "variant"):
-        query = f"attributes.status = 'RUNNING' and tags.kind = '{kind}'"
-        for run in mlflow.search_runs([experiment_id], filter_string=query, output_format="list"):
-            mlflow.delete_run(run.info.run_id)
+    query = f"attributes.status = 'RUNNING' and tags.kind = 'experiment' and attributes.run_name = '{name}'"
+    for run in mlflow.search_runs([experiment_id], filter_string=query, output_format="list"):
+        _delete_partial(experiment_id, run.info.run_id)
 
 
 def _delete_partial(experiment_id: str, parent_id: str) -> None:
