@@ -27,8 +27,8 @@ repro: install
 	dvc repro
 
 test: install
-	# two workers, one thread each: the end-to-end modules run side by side, without oversubscribing the cores
-	OMP_NUM_THREADS=1 pytest -n 2 --dist loadfile --no-loadscope-reorder
+	# three workers, one thread each: the longest modules (testpaths: cluster, pipeline) each start on a worker of their own
+	OMP_NUM_THREADS=1 pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	ruff check src stages tests benchmarks scripts
