@@ -7,7 +7,7 @@ EXTRAS  ?= dev
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install repro test lint
+.PHONY: install repro test test-cluster lint
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,12 @@ repro: install
 	dvc repro
 
 test: install
-	# three workers, one thread each: the longest modules (testpaths: cluster, pipeline) each start on a worker of their own
-	OMP_NUM_THREADS=1 pytest -n 3 --dist loadfile --no-loadscope-reorder
+	# two workers, one thread each: the end-to-end modules run side by side, without oversubscribing the cores
+	OMP_NUM_THREADS=1 pytest -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/test_cluster.py
+
+test-cluster: install
+	# `quantorder grid` on a two-node Ray cluster on this machine (about 5 minutes on 2 cores)
+	OMP_NUM_THREADS=1 pytest tests/test_cluster.py
 
 lint: install
 	ruff check src stages tests benchmarks scripts

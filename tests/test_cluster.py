@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 # one GPTQModel method and two of bitsandbytes, whose stages need no GPTQModel import (6 s each)
 ALGOS = ["rtn", "nf4", "fp4"]
 FLOAT_CHAIN = {"prepare", "calibrate", "finetune@ft", "merge@ft", "evaluate@base", "evaluate@ft"}
-# the head notices a dead node after 5 missed checks of 1 s (Ray's default is about 15 s)
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+# the head notices a dead node after 3 missed checks of 0.5 s (Ray's default is about 15 s)
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
 
 
 def _ray(*args: str) -> str:
