@@ -322,11 +322,12 @@ def run_grid(
     gpus = [n["Resources"].get("GPU", 0) for n in nodes]
     remote = ray.remote(max_retries=retries, retry_exceptions=False, num_cpus=cpus)(run_task)
     pending: dict[Any, Task] = {}
+    shared_refs: list[Any] = []
     for task in shared:  # in order: a shared task only needs earlier ones
-        needs = [ref for ref, t in pending.items() if shared.index(t) in task.needs]
         asks = max(gpus_per_task(params[i], gpus) for i in task.members)
-        pending[remote.options(name=task.name, num_gpus=asks).remote(task, remotes, *needs)] = task
-    shared_refs = list(pending)
+        ref = remote.options(name=task.name, num_gpus=asks).remote(task, remotes, *[shared_refs[k] for k in task.needs])
+        shared_refs.append(ref)
+        pending[ref] = task
     for i, task in enumerate(experiments):
         needs = [ref for ref, t in zip(shared_refs, shared) if i in t.members]
         asks = gpus_per_task(params[i], gpus)
